@@ -1,0 +1,79 @@
+"""Causal-LM loss computed only where it is needed: at supervised positions, chunk by chunk.
+
+The vocabulary projection is applied to the hidden states of supervised positions only (prompt
+and padding positions never reach the LM head), in chunks whose fp32 logits are recomputed in the
+backward pass instead of being kept, so the full ``tokens x vocab`` logits never exist at once.
+The result equals transformers' own shifted cross-entropy (a test checks it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lora_exp.data.templating import IGNORE_INDEX
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # summed cross-entropy over supervised tokens
+    n_tokens: torch.Tensor  # number of supervised tokens
+    n_correct: torch.Tensor | None = None  # supervised tokens whose argmax is the target
+    n_exact: torch.Tensor | None = None  # examples whose every supervised token is predicted
+    n_examples: torch.Tensor | None = None  # examples with at least one supervised token
+
+
+def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def causal_lm_loss(peft_model, batch: dict, chunk_size: int = 4096, with_accuracy: bool = False) -> LossOutput:
+    """Shifted next-token cross-entropy of ``batch`` under ``peft_model``.
+
+    Args:
+        peft_model: a PEFT-wrapped causal LM (LoRA layers are injected in place).
+        batch: ``input_ids``, ``labels`` (``-100`` = unsupervised), optional ``attention_mask``
+            and ``position_ids``.
+        chunk_size: supervised positions per LM-head chunk.
+        with_accuracy: also count argmax hits and fully-correct examples (teacher forcing; a
+            fully-correct example is exactly what greedy decoding would produce).
+    """
+    causal_lm = peft_model.get_base_model()
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    head = causal_lm.get_output_embeddings()
+    out = backbone(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state[:, :-1]
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    rows = mask.nonzero()[:, 0]
+    hidden = hidden[mask]
+    targets = targets[mask]
+    loss_sum = hidden.new_zeros((), dtype=torch.float32)
+    hits = []
+    for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
+        if with_accuracy:
+            logits = head(h).float()
+            loss_sum = loss_sum + F.cross_entropy(logits, t, reduction="sum")
+            hits.append(logits.argmax(-1) == t)
+        elif torch.is_grad_enabled() and hidden.shape[0] > chunk_size:
+            loss_sum = loss_sum + checkpoint(_chunk_ce, head, h, t, use_reentrant=False)
+        else:
+            loss_sum = loss_sum + _chunk_ce(head, h, t)
+    result = LossOutput(loss_sum, mask.sum())
+    if with_accuracy:
+        correct = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool, device=mask.device)
+        n_rows = batch["input_ids"].shape[0]
+        per_row = torch.bincount(rows, minlength=n_rows)
+        wrong = torch.bincount(rows[~correct], minlength=n_rows)
+        result.n_correct = correct.sum()
+        result.n_exact = ((per_row > 0) & (wrong == 0)).sum()
+        result.n_examples = (per_row > 0).sum()
+    return result

@@ -1,0 +1,34 @@
+"""Metric and run-record keys, defined once and used by the module, loggers, sweeps and reports."""
+
+TRAIN_LOSS = "train/loss"
+TRAIN_LR = "train/lr"
+TRAIN_TOKENS_PER_S = "train/tokens_per_s"  # real (non-padding) tokens per second of training
+TRAIN_TOKENS = "train/tokens"  # real tokens seen in training
+TRAIN_SUPERVISED_TOKENS = "train/supervised_tokens"
+TRAIN_TIME_S = "train/time_s"
+
+VAL_LOSS = "val/loss"  # mean cross-entropy over supervised held-out tokens
+VAL_PPL = "val/ppl"
+VAL_EXACT_MATCH = "val/exact_match"  # fraction of held-out responses reproduced token for token
+VAL_TOKEN_ACC = "val/token_acc"
+
+VAL_METRICS = (VAL_LOSS, VAL_PPL, VAL_EXACT_MATCH, VAL_TOKEN_ACC)
+
+BASE_PREFIX = "base/"  # the same validation metrics, measured on the base model before training
+
+TRAINABLE_PARAMS = "trainable_params"
+TOTAL_PARAMS = "total_params"
+LORA_SCALING = "lora/scaling"
+STEPS = "trainer/global_step"
+STATUS = "status"
+ERROR = "error"
+
+STATUS_RUNNING = "running"
+STATUS_COMPLETED = "completed"
+STATUS_FAILED = "failed"
+STATUS_INTERRUPTED = "interrupted"
+
+
+def base(key: str) -> str:
+    """The key under which a validation metric of the untrained base model is recorded."""
+    return BASE_PREFIX + key

@@ -1,0 +1,80 @@
+"""The LightningModule around a PEFT-wrapped causal LM."""
+
+from __future__ import annotations
+
+import math
+
+import hydra
+import lightning as L
+import torch
+from torchmetrics import SumMetric
+
+from lora_exp import metrics as M
+from lora_exp.loss import causal_lm_loss
+
+
+class LoraModule(L.LightningModule):
+    """Trains the adapter of ``model`` (a ``PeftModel``); the frozen base never reaches a checkpoint.
+
+    Validation metrics are logged under ``metric_prefix`` + the shared names, so the same loop
+    measures the base model (``base/val/loss``) before training and the adapter after.
+    """
+
+    def __init__(self, model, optim_cfg, loss_chunk_size: int = 4096):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim_cfg
+        self.loss_chunk_size = loss_chunk_size
+        self.metric_prefix = ""
+        self.strict_loading = False  # checkpoints hold trainable weights only
+        self.last_val: dict[str, float] = {}
+        self.last_val_step = -1
+        self._val = torch.nn.ModuleDict(
+            {k: SumMetric() for k in ("loss_sum", "n_tokens", "n_correct", "n_exact", "n_examples")}
+        )
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = causal_lm_loss(self.model, batch, self.loss_chunk_size)
+        loss = out.loss_sum / out.n_tokens.clamp(min=1)
+        n = batch["input_ids"].shape[0]
+        self.log(M.TRAIN_LOSS, loss, prog_bar=True, batch_size=n)
+        self.log(M.TRAIN_LR, self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        for metric in self._val.values():
+            metric.reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = causal_lm_loss(self.model, batch, self.loss_chunk_size, with_accuracy=True)
+        for key, metric in self._val.items():
+            metric.update(getattr(out, key).float())
+
+    def on_validation_epoch_end(self) -> None:
+        v = {k: m.compute().item() for k, m in self._val.items()}
+        if v["n_tokens"] == 0:
+            return
+        loss = v["loss_sum"] / v["n_tokens"]
+        values = {
+            M.VAL_LOSS: loss,
+            M.VAL_PPL: math.exp(min(loss, 50.0)),
+            M.VAL_TOKEN_ACC: v["n_correct"] / v["n_tokens"],
+            M.VAL_EXACT_MATCH: v["n_exact"] / max(v["n_examples"], 1),
+        }
+        self.last_val = {self.metric_prefix + k: x for k, x in values.items()}
+        self.last_val_step = self.global_step
+        self.log_dict(self.last_val, sync_dist=False)
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        cfg = self.optim_cfg
+        optimizer = hydra.utils.instantiate(cfg.optimizer)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = int(cfg.warmup_steps) if cfg.get("warmup_steps") else math.ceil(cfg.warmup_ratio * total)
+        scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, num_warmup_steps=warmup,
+                                                           num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

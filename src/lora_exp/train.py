@@ -1,0 +1,20 @@
+"""``python -m lora_exp.train [overrides]``: one LoRA fine-tune; ``-m`` for a sweep.
+
+Heavy libraries are imported only once a job starts, so ``--cfg job`` and ``--help`` are quick.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from lora_exp.config import config_dir
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from lora_exp.training import run_cli
+
+    return run_cli(cfg)
+
+
+if __name__ == "__main__":
+    main()
