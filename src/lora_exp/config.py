@@ -17,8 +17,9 @@ def config_dir() -> str:
     raise FileNotFoundError(f"lora-exp configs not found next to {here}")
 
 
-def _number(cfg, key: str, problems: list[str], low=None, high=None, low_open=False, high_open=False,
-            integer=False) -> None:
+def _number(
+    cfg, key: str, problems: list[str], low=None, high=None, low_open=False, high_open=False, integer=False
+) -> None:
     from omegaconf import OmegaConf
 
     value = OmegaConf.select(cfg, key)

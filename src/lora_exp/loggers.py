@@ -31,8 +31,11 @@ def wandb_logger(save_dir: str, project: str, mode: str | None = None, **kwargs)
 
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
     if mode == "offline":
-        log.info("W&B offline: the run is saved under %s/wandb; upload it later with `wandb sync %s/wandb/offline-run-*`",
-                 save_dir, save_dir)
+        log.info(
+            "W&B offline: the run is saved under %s/wandb; upload it later with `wandb sync %s/wandb/offline-run-*`",
+            save_dir,
+            save_dir,
+        )
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     return WandbLogger(save_dir=save_dir, project=project, mode=mode, **kwargs)
 

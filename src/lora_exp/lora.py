@@ -52,7 +52,8 @@ def peft_config(lora_cfg):
         use_rslora=bool(lora_cfg.get("use_rslora", False)),
         use_dora=bool(lora_cfg.get("use_dora", False)),
         init_lora_weights=True if init in (None, "default") else init,
-        modules_to_save=OmegaConf.to_container(modules_to_save) if OmegaConf.is_config(modules_to_save)
+        modules_to_save=OmegaConf.to_container(modules_to_save)
+        if OmegaConf.is_config(modules_to_save)
         else modules_to_save,
     )
 
@@ -70,8 +71,13 @@ def wrap(model, lora_cfg):
     if missing:
         from lora_exp.errors import ConfigError
 
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                         if type(m).__name__ == "Linear" or hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2})
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in model.named_modules()
+                if type(m).__name__ == "Linear" or hasattr(m, "weight") and getattr(m.weight, "ndim", 0) == 2
+            }
+        )
         raise ConfigError([f"lora.target_modules: {missing} not found in the model; its linear modules are {linear}"])
     return get_peft_model(model, peft_config(lora_cfg))
 

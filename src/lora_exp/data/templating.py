@@ -28,8 +28,10 @@ def tokenize_chat(messages: list[dict], tokenizer, max_seq_len: int, train_on_pr
         end = upto.find(eos, start + len(message["content"]) - 1)
         end = len(upto) if end < 0 else end + len(eos)
         if not text.startswith(upto[:end]):
-            raise DataError("the chat template renders a conversation differently from its prefixes; "
-                            "cannot locate assistant replies")
+            raise DataError(
+                "the chat template renders a conversation differently from its prefixes; "
+                "cannot locate assistant replies"
+            )
         spans.append((start, end))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
