@@ -36,7 +36,7 @@ def tokenize_chat(messages: list[dict], tokenizer, max_seq_len: int, train_on_pr
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [IGNORE_INDEX] * len(ids)
-    for j, (a, b) in enumerate(enc["offset_mapping"]):
+    for j, (a, _end) in enumerate(enc["offset_mapping"]):
         if train_on_prompt or any(s <= a < e for s, e in spans):
             labels[j] = ids[j]
     truncated = len(ids) > max_seq_len
