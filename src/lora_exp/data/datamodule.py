@@ -1,88 +1,261 @@
-"""The LightningDataModule: examples in, tokenized and padded batches out."""
+"""The LightningDataModule: records in, templated, masked and (optionally) packed batches out."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+from typing import Any
+
 import lightning as L
-import torch
 from torch.utils.data import DataLoader
 
-from lora_exp.data import tasks
-from lora_exp.data.templating import IGNORE_INDEX, tokenize_chat
+from lora_exp import metrics as M
+from lora_exp.data import formats, sources, tasks
+from lora_exp.data.packing import PackCollator, PadCollator, SeededSampler, TokenBudgetBatchSampler, padding_fraction
+from lora_exp.data.templating import Encoded, Renderer
 from lora_exp.errors import DataError
 
+log = logging.getLogger(__name__)
 
-class Collator:
-    """Pad a list of tokenized examples to the longest one; padding is never supervised."""
 
-    def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+def source_of(cfg) -> str:
+    """Where the data comes from: a hub data set, local files, or a built-in task (in that order)."""
+    if cfg.get("hub_name"):
+        return "hub"
+    if cfg.get("train_path"):
+        return "files"
+    if cfg.get("task"):
+        if cfg.task not in tasks.TASKS:
+            raise DataError(f"data.task={cfg.task!r}: unknown task; expected one of {', '.join(tasks.TASKS)}")
+        return "task"
+    raise DataError("no data: set data.train_path=FILE (data=jsonl) or data.hub_name=NAME")
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[i, :n] = torch.tensor(r["input_ids"])
-            labels[i, :n] = torch.tensor(r["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+def check_config(cfg) -> None:
+    """Cheap checks of the data keys, before any file is read or weight loaded."""
+    source_of(cfg)
+    fmt = cfg.get("format", "auto")
+    if fmt not in formats.FORMATS:
+        raise DataError(f"data.format={fmt!r}: unknown format; expected one of {', '.join(formats.FORMATS)}")
+    val_size = cfg.get("val_size", 0.05)
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)) or val_size <= 0:
+        raise DataError(f"data.val_size={val_size!r}: expected a count >= 1 or a fraction in (0, 1)")
+    pack_tokens = cfg.get("pack_tokens")
+    if pack_tokens is not None and (not isinstance(pack_tokens, int) or pack_tokens < cfg.max_seq_len):
+        raise DataError(f"data.pack_tokens={pack_tokens!r}: expected an integer >= data.max_seq_len={cfg.max_seq_len}")
 
 
 class InstructionDataModule(L.LightningDataModule):
-    """Chat-formatted examples, rendered with the tokenizer's template, loss on replies only."""
+    """Examples from a file, a hub data set or a built-in task, rendered with the tokenizer's chat template.
+
+    After ``setup``: ``train_rows`` / ``val_rows`` (token ids and labels), ``stats`` (the
+    ``data/*`` entries of metrics.json) and ``fingerprint`` (a hash of the examples, the template,
+    the tokenizer and the rendering settings: equal fingerprints mean identical token streams).
+    """
 
     def __init__(self, data_cfg, tokenizer, seed: int):
         super().__init__()
+        check_config(data_cfg)
         self.cfg = data_cfg
         self.tokenizer = tokenizer
         self.seed = seed
         self.train_rows: list[dict] = []
         self.val_rows: list[dict] = []
         self.truncated = 0
+        self.stats: dict[str, Any] = {}
+        self.fingerprint: str | None = None
+        self.format: str | None = None
+        self.renderer = Renderer(
+            tokenizer, data_cfg.max_seq_len, data_cfg.get("train_on_prompt", False), data_cfg.get("chat_template")
+        )
 
-    def load_examples(self) -> tuple[list[dict], list[dict]]:
+    # ---- loading ---------------------------------------------------------------------------------
+    def load_records(self) -> tuple[list[sources.Record], list[sources.Record]]:
+        """Raw train and held-out records; without a held-out source, a deterministic split of train."""
         cfg = self.cfg
-        if cfg.source == "task":
-            return tasks.generate(cfg.task, cfg.num_train, cfg.num_val, cfg.get("data_seed", 0))
-        raise DataError(f"data.source={cfg.source!r}: expected 'task'")
+        source = source_of(cfg)
+        if source == "task":
+            train, val = tasks.generate(cfg.task, cfg.num_train, cfg.num_val, cfg.get("data_seed", 0))
+            return (
+                [sources.Record(r, f"task {cfg.task} train {i}") for i, r in enumerate(train)],
+                [sources.Record(r, f"task {cfg.task} val {i}") for i, r in enumerate(val)],
+            )
+        if source == "hub":
+            train = sources.load_hub(cfg.hub_name, cfg.get("hub_config"), cfg.get("hub_split") or "train")
+            val_split = cfg.get("hub_val_split")
+            val = sources.load_hub(cfg.hub_name, cfg.get("hub_config"), val_split) if val_split else None
+        else:
+            train = sources.read_file(cfg.train_path, "data.train_path")
+            val = sources.read_file(cfg.val_path, "data.val_path") if cfg.get("val_path") else None
+        if val is None:
+            train, val = sources.held_out_split(train, cfg.get("val_size", 0.05), cfg.get("split_seed", 0))
+        if cfg.get("num_train"):  # a slice for quick runs (debug=quick); the split itself is unchanged
+            train = train[: cfg.num_train]
+        if cfg.get("num_val"):
+            val = val[: cfg.num_val]
+        return train, val
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_rows:
             return
-        train, val = self.load_examples()
-        self.train_rows = self._tokenize(train, "train")
-        self.val_rows = self._tokenize(val, "val")
+        train, val = self.load_records()
+        fields = formats.field_names(self.cfg.get("fields"))
+        self.format = formats.resolve(self.cfg.get("format", "auto"), train, fields)
+        train_ex = [formats.convert(r, self.format, fields) for r in train]
+        val_ex = [formats.convert(r, self.format, fields) for r in val]
+        train_enc = self._encode(train_ex, train, "train")
+        val_enc = self._encode(val_ex, val, "val")
+        self.train_rows = [_row(e) for e in train_enc]
+        self.val_rows = [_row(e) for e in val_enc]
+        self.fingerprint = self._fingerprint(train_ex, val_ex)
+        lengths = [len(r["input_ids"]) for r in self.train_rows]
+        first_epoch = self._train_batches(lengths)
+        self.stats = {
+            M.DATA_FORMAT: self.format,
+            M.DATA_TRAIN_EXAMPLES: len(self.train_rows),
+            M.DATA_VAL_EXAMPLES: len(self.val_rows),
+            M.DATA_TRAIN_TOKENS: sum(lengths),
+            M.DATA_TRUNCATED: self.truncated,
+            M.DATA_DROPPED: len(train) + len(val) - len(self.train_rows) - len(self.val_rows),
+            M.DATA_PACKING: bool(self.cfg.get("packing", False)),
+            M.DATA_PADDING_FRACTION: round(padding_fraction(first_epoch, lengths, self.packing), 6),
+            M.DATA_FINGERPRINT: self.fingerprint,
+        }
+        print(
+            f"[lora-exp] data: {len(self.train_rows)} train / {len(self.val_rows)} held-out examples "
+            f"(format {self.format}), {self.truncated} truncated to data.max_seq_len={self.cfg.max_seq_len}, "
+            f"{self.stats[M.DATA_DROPPED]} dropped, padding {100 * self.stats[M.DATA_PADDING_FRACTION]:.1f}%"
+            + (", packed" if self.packing else ""),
+            flush=True,
+        )
 
-    def _tokenize(self, examples: list[dict], split: str) -> list[dict]:
-        rows = []
-        for example in examples:
-            row = tokenize_chat(
-                example["messages"], self.tokenizer, self.cfg.max_seq_len, self.cfg.get("train_on_prompt", False)
+    def _encode(self, examples: list[dict], records: list[sources.Record], split: str) -> list[Encoded]:
+        rows: list[Encoded] = []
+        truncated = dropped = 0
+        first_dropped = None
+        for example, record in zip(examples, records):
+            try:
+                row = self.renderer.encode(example)
+                self.renderer.check(row)
+            except DataError as e:
+                raise DataError(f"{record.where}: {e}") from None
+            except Exception as e:  # a template that cannot render this record (jinja errors and the like)
+                msg = str(e).splitlines()[0] if str(e) else ""
+                raise DataError(
+                    f"{record.where}: cannot render with the chat template ({type(e).__name__}: {msg})"
+                ) from None
+            truncated += row.truncated
+            if row.n_supervised == 0:
+                dropped += 1
+                first_dropped = first_dropped or record.where
+                continue
+            rows.append(row)
+        self.truncated += truncated
+        max_len = self.cfg.max_seq_len
+        if examples and truncated == len(examples):
+            raise DataError(
+                f"every {split} example ({len(examples)}) is longer than data.max_seq_len={max_len} tokens; "
+                f"raise data.max_seq_len"
             )
-            self.truncated += row["truncated"]
-            if any(label != IGNORE_INDEX for label in row["labels"]):
-                rows.append(row)
         if examples and not rows:
             raise DataError(
-                f"no {split} example has a supervised token left within data.max_seq_len={self.cfg.max_seq_len}"
+                f"no {split} example has a supervised token left within data.max_seq_len={max_len} "
+                f"(first: {first_dropped})"
+            )
+        if truncated:
+            n = len(examples)
+            log.warning("%d of %d %s examples truncated to data.max_seq_len=%d", truncated, n, split, max_len)
+        if dropped:
+            log.warning(
+                "%d %s examples dropped: no supervised token within data.max_seq_len=%d (first: %s)",
+                dropped,
+                split,
+                max_len,
+                first_dropped,
             )
         return rows
 
-    def _loader(self, rows: list[dict], batch_size: int, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+    def _fingerprint(self, train_ex: list[dict], val_ex: list[dict]) -> str:
+        """sha256 of the examples, the chat template, the tokenizer and the settings that shape tokens."""
+        h = hashlib.sha256(b"lora-exp-data-v1\0")
+        settings = {
+            "format": self.format,
+            "max_seq_len": self.cfg.max_seq_len,
+            "train_on_prompt": bool(self.cfg.get("train_on_prompt", False)),
+            "template": self.renderer.template or "",
+            "tokenizer": tokenizer_hash(self.tokenizer),
+        }
+        h.update(json.dumps(settings, sort_keys=True).encode())
+        for split, examples, rows in (("train", train_ex, self.train_rows), ("val", val_ex, self.val_rows)):
+            h.update(f"\0{split}\0".encode())
+            h.update(json.dumps(examples, sort_keys=True, ensure_ascii=False).encode())
+            h.update(json.dumps([[r["input_ids"], r["labels"]] for r in rows]).encode())
+        return h.hexdigest()
+
+    # ---- batches ---------------------------------------------------------------------------------
+    @property
+    def packing(self) -> bool:
+        return bool(self.cfg.get("packing", False))
+
+    @property
+    def pack_tokens(self) -> int:
+        """Token budget of a packed batch: ``data.pack_tokens``, else batch_size x max_seq_len."""
+        return int(self.cfg.get("pack_tokens") or self.cfg.batch_size * self.cfg.max_seq_len)
+
+    def _sampler(self) -> SeededSampler:
+        return SeededSampler(len(self.train_rows), self.seed, shuffle=self.cfg.get("shuffle", True))
+
+    def _train_batches(self, lengths: list[int]) -> list[list[int]]:
+        """The first epoch's batches (indices), exactly as the train loader will form them."""
+        order = list(self._sampler())
+        if self.packing:
+            return list(TokenBudgetBatchSampler(order, lengths, self.pack_tokens))
+        bs = self.cfg.batch_size
+        return [order[i : i + bs] for i in range(0, len(order), bs)]
+
+    def train_dataloader(self) -> DataLoader:
+        from lora_exp.resume import resumable  # a checkpoint records the position inside the epoch
+
+        workers = self.cfg.get("num_workers", 0)
+        if self.packing:
+            lengths = [len(r["input_ids"]) for r in self.train_rows]
+            batches = TokenBudgetBatchSampler(self._sampler(), lengths, self.pack_tokens)
+            loader = DataLoader(self.train_rows, batch_sampler=batches, collate_fn=PackCollator(), num_workers=workers)
+            return resumable(loader)
+        return resumable(
+            DataLoader(
+                self.train_rows,
+                batch_size=self.cfg.batch_size,
+                sampler=self._sampler(),
+                collate_fn=PadCollator(self.pad_id),
+                num_workers=workers,
+            )
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        # Held-out batches stay padded, one example per row: exact match is counted per row.
         return DataLoader(
-            rows,
-            batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            collate_fn=Collator(self.tokenizer.pad_token_id),
+            self.val_rows,
+            batch_size=self.cfg.get("eval_batch_size") or self.cfg.batch_size,
+            shuffle=False,
+            collate_fn=PadCollator(self.pad_id),
             num_workers=self.cfg.get("num_workers", 0),
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_rows, self.cfg.batch_size, shuffle=True)
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_rows, self.cfg.get("eval_batch_size") or self.cfg.batch_size, shuffle=False)
+
+def _row(e: Encoded) -> dict:
+    return {"input_ids": e.input_ids, "labels": e.labels, "truncated": e.truncated}
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A hash of everything that decides how text becomes ids: vocabulary, merges, normalizer, specials."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    specials = json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True)
+    return hashlib.sha256((state + specials).encode()).hexdigest()
