@@ -28,7 +28,8 @@ class Throughput(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         elapsed = time.perf_counter() - self._start
-        tokens = int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")  # packed batches (data.packing=true) have no padding and no mask
+        tokens = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         self.tokens += tokens
         self.supervised += int((batch["labels"] != -100).sum())
         self.seconds += elapsed

@@ -28,6 +28,17 @@ STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_INTERRUPTED = "interrupted"
 
+# the data set a run trained on (lora_exp.data.datamodule: InstructionDataModule.stats)
+DATA_FORMAT = "data/format"  # chat, alpaca, prompt_response or text (what data.format=auto detected)
+DATA_TRAIN_EXAMPLES = "data/train_examples"
+DATA_VAL_EXAMPLES = "data/val_examples"
+DATA_TRAIN_TOKENS = "data/train_tokens"  # tokens in the training set after truncation
+DATA_TRUNCATED = "data/truncated"  # examples cut at data.max_seq_len (train + held-out)
+DATA_DROPPED = "data/dropped"  # examples left with no supervised token, not used
+DATA_PACKING = "data/packing"
+DATA_PADDING_FRACTION = "data/padding_fraction"  # padding share of the first epoch's training batches
+DATA_FINGERPRINT = "data/fingerprint"  # sha256 of examples + chat template + tokenizer + settings
+
 
 def base(key: str) -> str:
     """The key under which a validation metric of the untrained base model is recorded."""

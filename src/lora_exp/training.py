@@ -97,9 +97,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
             M.TOTAL_PARAMS: total,
             M.LORA_SCALING: lora.lora_scaling(cfg.lora),
             "lora/target_modules": lora.resolve_target_modules(cfg.lora.target_modules),
-            "data/train_examples": len(datamodule.train_rows),
-            "data/val_examples": len(datamodule.val_rows),
-            "data/truncated": datamodule.truncated,
+            **datamodule.stats,  # data/*: examples, truncation, padding fraction, fingerprint
         }
     )
 
