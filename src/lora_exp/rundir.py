@@ -1,32 +1,413 @@
-"""The run directory's records: ``metrics.json`` with flat keys and a status."""
+"""The run directory's records: ``metrics.json`` (flat keys + status) and ``run.json`` (fingerprint).
+
+``run.json`` says what produced the run: command and overrides, seed, git state, package versions
+(a full ``pip-freeze.txt`` lies beside it), hardware, and hashes of the data, the base model and
+the initial adapter. ``python -m lora_exp.reproduce`` compares it with the environment it runs in.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from lora_exp import metrics as M
 
 METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
+FREEZE_FILE = "pip-freeze.txt"
 ADAPTER_DIR = "adapter"
+INITIAL_ADAPTER_DIR = "initial_adapter"  # PiSSA / OLoRA: the adapter before training, removed at the end
+INITIAL_ADAPTER_DIR = "adapter_init"  # PiSSA/OLoRA only, while training: removed once converted
 CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.ckpt"
+PID = "pid"  # metrics.json: the process writing a `running` record
+
+# the packages whose versions change numbers; run.json names them, pip-freeze.txt has everything
+KEY_PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "lightning",
+    "hydra-core",
+    "omegaconf",
+    "bitsandbytes",
+    "wandb",
+    "safetensors",
+    "tokenizers",
+    "numpy",
+)
+# environment variables whose values are secrets: never written anywhere by lora-exp
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Write JSON atomically: a reader never sees half a file, a kill never leaves one."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
 
 
 def write_metrics(run_dir: Path, status: str, values: dict[str, Any]) -> dict[str, Any]:
-    """Record ``values`` and the run ``status`` in ``run_dir/metrics.json``."""
-    data = {**values, M.STATUS: status}
+    """Record ``values`` and the run ``status`` in ``run_dir/metrics.json``.
+
+    A ``running`` record also names the writing process, so a reader can tell a live run from one
+    that was killed (see :func:`run_status`).
+    """
+    data = {**{k: v for k, v in values.items() if k != PID}, M.STATUS: status}
+    if status == M.STATUS_RUNNING:
+        data[PID] = os.getpid()
     write_json(Path(run_dir) / METRICS_FILE, data)
     return data
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / METRICS_FILE).read_text())
+
+
+def run_status(run_dir: Path) -> str | None:
+    """The run's status, with a ``running`` record whose process is gone read as ``interrupted``.
+
+    None when the directory holds no readable ``metrics.json``.
+    """
+    try:
+        record = read_metrics(run_dir)
+    except (OSError, ValueError):
+        return None
+    status = record.get(M.STATUS)
+    if status == M.STATUS_RUNNING and not _alive(record.get(PID)):
+        return M.STATUS_INTERRUPTED
+    return status
+
+
+def _alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed process not yet reaped by its parent is a zombie: dead for our purpose
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# A watcher process: when the training process dies without recording an end (kill -9, OOM kill),
+# it rewrites a `running` metrics.json as `interrupted`. It learns of the death from EOF on its stdin,
+# the read end of a pipe only the training process holds; no polling.
+_WATCHER = r"""
+import json, os, sys
+sys.stdin.buffer.read()
+path, pid = sys.argv[1], int(sys.argv[2])
+try:
+    data = json.load(open(path))
+except Exception:
+    sys.exit(0)
+if data.get("status") == "running" and data.get("pid") == pid:
+    data["status"] = "interrupted"
+    data.pop("pid", None)
+    tmp = path + ".watch.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+"""
+
+
+def watch_for_kill(run_dir: Path) -> subprocess.Popen | None:
+    """Start the watcher that marks this run ``interrupted`` if the process is killed outright.
+
+    Keep the returned process referenced for the life of the run; its stdin pipe is the signal.
+    """
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-S", "-c", _WATCHER, str(Path(run_dir) / METRICS_FILE), str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C in the terminal must not kill the watcher first
+        )
+    except OSError:
+        return None
+
+
+# ----------------------------------------------------------------------------------------- hashes
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def adapter_hash(run_dir: Path) -> str | None:
+    """SHA-256 of the saved adapter weights file; None when there is none."""
+    for name in ("adapter_model.safetensors", "adapter_model.bin"):
+        path = Path(run_dir) / ADAPTER_DIR / name
+        if path.is_file():
+            return sha256_file(path)
+    return None
+
+
+def state_hash(named_tensors) -> str:
+    """SHA-256 over (name, dtype, shape, bytes) of tensors, in name order: an in-memory weights hash."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda kv: kv[0]):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def data_fingerprint(datamodule) -> str:
+    """The data module's own ``fingerprint`` when it has one, else a hash of the tokenized rows."""
+    fingerprint = getattr(datamodule, "fingerprint", None)
+    if callable(fingerprint):
+        fingerprint = fingerprint()
+    if fingerprint:
+        return str(fingerprint)
+    digest = hashlib.sha256()
+    for split in ("train_rows", "val_rows"):
+        for row in getattr(datamodule, split, []) or []:
+            digest.update(json.dumps([row.get("input_ids"), row.get("labels")]).encode())
+        digest.update(b"|")
+    return digest.hexdigest()
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".gguf", ".pt")
+
+
+def model_fingerprint(folder_or_id: str, model_cfg=None) -> dict[str, Any]:
+    """File hashes of a local model folder, or the hub id and revision.
+
+    Hashing ~540 MB costs about a second, so hashes are cached per (path, size, mtime) under the
+    lora-exp cache: an unchanged folder is never hashed twice.
+    """
+    folder = Path(folder_or_id)
+    if not folder.is_dir():
+        revision = (model_cfg.get("revision") if model_cfg is not None else None) or _hub_revision(folder_or_id)
+        return {"hub_id": folder_or_id, "revision": revision}
+    from lora_exp.models import cache_root
+
+    cache_file = cache_root() / "fingerprints.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    files, changed = {}, False
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in cache:
+            cache[key], changed = sha256_file(path), True
+        files[path.name] = cache[key]
+    if changed:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(cache_file, cache)
+        except OSError:
+            pass
+    combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return {"path": str(folder), "sha256": combined, "files": files}
+
+
+def _hub_revision(repo_id: str) -> str | None:
+    """The commit of the locally cached snapshot of a hub model, when there is one."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo_id, "config.json")
+        return Path(path).parent.name if isinstance(path, str) else None
+    except Exception:
+        return None
+
+
+# -------------------------------------------------------------------------------------- environment
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in KEY_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def pip_freeze() -> str:
+    """``name==version`` of every installed distribution (what ``pip freeze`` lists, without running pip)."""
+    from importlib import metadata
+
+    lines = set()
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            lines.add(f"{name}=={dist.version}")
+    return "\n".join(sorted(lines, key=str.lower)) + "\n"
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(info["gpu_count"])]
+        info["cuda"] = torch.version.cuda
+    except Exception:
+        pass
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_state(repo: Path | None = None) -> dict[str, Any]:
+    """Commit, dirty flag and a hash of the uncommitted diff of the lora-exp source tree."""
+    repo = repo or Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=20, check=True)
+            return out.stdout.decode(errors="replace")
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None}
+    status = git("status", "--porcelain", "--untracked-files=no") or ""
+    diff = git("diff", "HEAD", "--binary") or ""
+    return {
+        "commit": commit.strip(),
+        "dirty": bool(status.strip()),
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
+    }
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with any value of a secret-looking key or a secret's value replaced."""
+    from lora_exp.config import is_secret_key
+
+    secrets = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
+    out = []
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if "=" in arg and is_secret_key(key.rsplit(".", 1)[-1]):
+            arg = f"{arg.split('=', 1)[0]}=***"
+        for secret in secrets:
+            arg = arg.replace(secret, "***")
+        out.append(arg)
+    return out
+
+
+def command_line() -> list[str]:
+    """The command as the user typed it: ``python -m lora_exp.train ...`` rather than a script path."""
+    argv = list(sys.argv) or [""]
+    script = Path(argv[0])
+    if script.suffix == ".py" and script.parent.name == "lora_exp":
+        return ["python", "-m", f"lora_exp.{script.stem}", *argv[1:]]
+    return argv
+
+
+def hydra_overrides() -> dict[str, list[str]]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            hc = HydraConfig.get()
+            return {"task": list(hc.overrides.task), "hydra": list(hc.overrides.hydra)}
+    except Exception:
+        pass
+    return {"task": [], "hydra": []}
+
+
+def environment() -> dict[str, Any]:
+    """The parts of run.json that describe where a run ran (compared by ``reproduce``)."""
+    return {"packages": package_versions(), "hardware": hardware(), "git": git_state()}
+
+
+def write_run_json(run_dir: Path, cfg, fingerprints: dict[str, Any]) -> dict[str, Any]:
+    """Write ``run.json`` and ``pip-freeze.txt``; a resumed run keeps the original and appends itself.
+
+    Secrets never enter: the config was checked for secret-looking keys, the command line is
+    redacted, and no environment variable is recorded.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_FILE
+    overrides = hydra_overrides()
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    command = redact_argv(command_line())
+    if path.is_file() and bool(cfg.get("resume")):
+        data = json.loads(path.read_text())
+        data.setdefault("resumed", []).append(
+            {"time": now, "command": command, "environment_matches": environment_diff(data) == []}
+        )
+        write_json(path, data)
+        return data
+    data = {
+        "command": command,
+        "module": "lora_exp.train",
+        "overrides": redact_argv(overrides["task"]),
+        "hydra_overrides": redact_argv(overrides["hydra"]),
+        "cwd": os.getcwd(),
+        "started": now,
+        "seed": cfg.get("seed"),
+        **environment(),
+        **fingerprints,
+    }
+    (run_dir / FREEZE_FILE).write_text(pip_freeze())
+    write_json(path, data)
+    return data
+
+
+def update_run_json(run_dir: Path, **values: Any) -> None:
+    path = Path(run_dir) / RUN_FILE
+    if path.is_file():
+        write_json(path, {**json.loads(path.read_text()), **values})
+
+
+def environment_diff(recorded: dict[str, Any]) -> list[str]:
+    """Human-readable differences between a run.json's environment and this one."""
+    now = environment()
+    diffs = []
+    for name, version in (recorded.get("packages") or {}).items():
+        if now["packages"].get(name, version) != version:
+            diffs.append(f"{name} {version} -> {now['packages'].get(name)}")
+    for key in ("cpu", "gpus", "torch_threads"):
+        was, is_ = (recorded.get("hardware") or {}).get(key), now["hardware"].get(key)
+        if was is not None and was != is_:
+            diffs.append(f"hardware {key}: {was} -> {is_}")
+    git_was, git_now = recorded.get("git") or {}, now["git"]
+    if git_was.get("commit") and git_was.get("commit") != git_now.get("commit"):
+        diffs.append(f"git commit {str(git_was['commit'])[:10]} -> {str(git_now.get('commit'))[:10]}")
+    elif git_was.get("diff_sha256") != git_now.get("diff_sha256"):
+        diffs.append("uncommitted changes differ from the recorded run's (git diff hash)")
+    return diffs
