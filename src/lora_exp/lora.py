@@ -91,3 +91,41 @@ def trainable_params_line(peft_model) -> str:
     """PEFT's own ``print_trainable_parameters`` line."""
     trainable, total = param_counts(peft_model)
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def mutates_base(lora_cfg) -> bool:
+    """PiSSA and OLoRA initialise the adapter from the base weights and subtract it from them.
+
+    Such an adapter only fits the modified base it was trained on, until it is converted back
+    into a plain LoRA adapter of the original base (see :func:`save_adapter`).
+    """
+    init = str(lora_cfg.get("init") or "default")
+    return init.startswith("pissa") or init == "olora"
+
+
+def save_initial_adapter(peft_model, path) -> None:
+    """Save the adapter as initialised, before any training: the reference for :func:`save_adapter`.
+
+    Its config is saved as a plain LoRA init (as PEFT's PiSSA docs ask), so loading it never
+    repeats the decomposition.
+    """
+    config = peft_model.peft_config["default"]
+    init = config.init_lora_weights
+    config.init_lora_weights = True
+    try:
+        peft_model.save_pretrained(str(path))
+    finally:
+        config.init_lora_weights = init
+
+
+def save_adapter(peft_model, path, initial_path=None, state_dict=None) -> None:
+    """Save the trained adapter so plain PEFT loads it on the original, unmodified base model.
+
+    With an ``initial_path`` (PiSSA / OLoRA), PEFT converts the adapter into an ordinary LoRA
+    adapter of rank ``2 r`` whose update equals the trained one minus the initial one
+    (``path_initial_model_for_weight_conversion``). ``state_dict`` passes a gathered state (FSDP).
+    """
+    kwargs = {} if state_dict is None else {"state_dict": state_dict}
+    if initial_path is not None:
+        kwargs["path_initial_model_for_weight_conversion"] = str(initial_path)
+    peft_model.save_pretrained(str(path), **kwargs)

@@ -199,14 +199,120 @@ def load_tokenizer(folder: str):
     return tokenizer
 
 
-def load_base_model(model_cfg, folder: str):
-    """Load the frozen base model in ``model.dtype`` (LoRA weights are kept in fp32 by PEFT)."""
+def load_base_model(model_cfg, folder: str, quant_cfg=None, fsdp: bool = False):
+    """Load the frozen base model in ``model.dtype``, or quantized by bitsandbytes (``quant``).
+
+    LoRA weights are kept in fp32 by PEFT. A quantized model goes through PEFT's k-bit preparation;
+    ``model.gradient_checkpointing`` switches activation checkpointing on in either case.
+
+    Args:
+        model_cfg: the ``model`` config group.
+        folder: HF model folder or hub id (from :func:`resolve_model_folder`).
+        quant_cfg: the ``quant`` config group; None or ``mode: none`` loads unquantized weights.
+        fsdp: the run shards the model with FSDP (4-bit weights are then stored in ``model.dtype``).
+    """
     from transformers import AutoModelForCausalLM
 
+    from lora_exp import quant
+
+    bnb = quant.bnb_config(quant_cfg, fsdp=fsdp, model_dtype=DTYPES[model_cfg.dtype])
+    extra = {} if bnb is None else {"quantization_config": bnb, "device_map": quant.device_map()}
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=torch_dtype(model_cfg.dtype),
         attn_implementation=model_cfg.get("attn_implementation") or "sdpa",
+        **extra,
     )
     model.config.use_cache = False
+    checkpointing = bool(model_cfg.get("gradient_checkpointing", False))
+    if bnb is not None:
+        model = quant.prepare(model, checkpointing)
+    elif checkpointing:
+        enable_gradient_checkpointing(model)
     return model
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of storing them.
+
+    The non-reentrant implementation needs no input that requires grad, so it works with the
+    frozen embeddings of a LoRA model.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def decoder_layers(peft_or_causal_lm):
+    """The ``ModuleList`` of decoder layers of a (PEFT-wrapped) causal LM."""
+    causal_lm = peft_or_causal_lm
+    if hasattr(causal_lm, "get_base_model"):
+        causal_lm = causal_lm.get_base_model()
+    return getattr(causal_lm, causal_lm.base_model_prefix).layers
+
+
+def compile_layers(peft_model) -> int:
+    """``torch.compile`` each decoder layer in place; return how many were compiled.
+
+    Compiling layer by layer (as torchtune does) keeps compile time flat in depth, and in-place
+    ``Module.compile`` keeps parameter names, so checkpoints and the saved adapter are unchanged.
+    """
+    layers = decoder_layers(peft_model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
+BACKENDS = ("hf", "unsloth")
+UNSLOTH_INSTALL = "pip install unsloth  (needs a CUDA GPU)"
+
+
+def check_backend(model_cfg, problems: list[str]) -> None:
+    """``model.backend=unsloth`` needs Unsloth installed and a CUDA GPU; report it before loading anything."""
+    backend = model_cfg.get("backend", "hf")
+    if backend not in BACKENDS:
+        problems.append(f"model.backend={backend!r}: expected one of {list(BACKENDS)}")
+    elif backend == "unsloth":
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append("model.backend=unsloth needs a CUDA GPU, and none is visible here; use model.backend=hf")
+        elif importlib.util.find_spec("unsloth") is None:
+            problems.append(f"model.backend=unsloth: Unsloth is not installed ({UNSLOTH_INSTALL}); or model.backend=hf")
+
+
+def load_unsloth(cfg, folder: str):
+    """Base model and LoRA through Unsloth's ``FastLanguageModel`` (its fused kernels, CUDA only).
+
+    The same ``lora`` and ``quant`` keys apply; Unsloth's own gradient checkpointing replaces
+    transformers'. Returns a ``PeftModel`` like :func:`lora_exp.lora.wrap`.
+    """
+    from unsloth import FastLanguageModel
+
+    from lora_exp import lora, quant
+
+    mode = quant.mode(cfg)
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=folder,
+        max_seq_length=int(cfg.data.max_seq_len),
+        dtype=torch_dtype(cfg.model.dtype),
+        load_in_4bit=mode == "nf4",
+        load_in_8bit=mode == "int8",
+    )
+    config = lora.peft_config(cfg.lora)
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=sorted(config.target_modules),
+        bias=config.bias,
+        use_rslora=config.use_rslora,
+        modules_to_save=config.modules_to_save,
+        init_lora_weights=config.init_lora_weights,
+        use_gradient_checkpointing="unsloth" if cfg.model.get("gradient_checkpointing") else False,
+        random_state=int(cfg.seed),
+        max_seq_length=int(cfg.data.max_seq_len),
+    )

@@ -66,9 +66,12 @@ class LoraModule(L.LightningModule):
         self.log_dict(self.last_val, sync_dist=False)
 
     def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
         cfg = self.optim_cfg
-        optimizer = hydra.utils.instantiate(cfg.optimizer)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.get("loraplus_lr_ratio"):
+            optimizer = loraplus_optimizer(self.model, cfg)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            optimizer = hydra.utils.instantiate(cfg.optimizer)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(cfg.warmup_steps) if cfg.get("warmup_steps") else math.ceil(cfg.warmup_ratio * total)
         scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, num_warmup_steps=warmup, num_training_steps=total)
@@ -77,3 +80,26 @@ class LoraModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def loraplus_optimizer(peft_model, optim_cfg) -> torch.optim.Optimizer:
+    """LoRA+ (Hayou et al., 2024) through PEFT: B matrices learn ``loraplus_lr_ratio`` times faster than A.
+
+    ``optim.optimizer`` names the optimizer class and its arguments; ``optim.lr`` is A's rate. The
+    schedule scales every parameter group alike, so the ratio holds throughout training.
+    """
+    from omegaconf import OmegaConf
+    from peft.optimizers import create_loraplus_optimizer
+
+    kwargs = OmegaConf.to_container(optim_cfg.optimizer, resolve=True)
+    optimizer_cls = hydra.utils.get_class(kwargs.pop("_target_"))  # PEFT needs the class itself
+    kwargs.pop("_partial_", None)
+    return create_loraplus_optimizer(
+        peft_model,
+        optimizer_cls,
+        lr=float(optim_cfg.lr),
+        loraplus_lr_ratio=float(optim_cfg.loraplus_lr_ratio),
+        loraplus_lr_embedding=float(optim_cfg.get("loraplus_lr_embedding") or 1e-6),
+        loraplus_weight_decay=float(optim_cfg.weight_decay),
+        **kwargs,
+    )

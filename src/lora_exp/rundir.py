@@ -24,7 +24,6 @@ RUN_FILE = "run.json"
 FREEZE_FILE = "pip-freeze.txt"
 ADAPTER_DIR = "adapter"
 INITIAL_ADAPTER_DIR = "initial_adapter"  # PiSSA / OLoRA: the adapter before training, removed at the end
-INITIAL_ADAPTER_DIR = "adapter_init"  # PiSSA/OLoRA only, while training: removed once converted
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 PID = "pid"  # metrics.json: the process writing a `running` record
