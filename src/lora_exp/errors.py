@@ -19,3 +19,7 @@ class ModelAccessError(UserError):
 
 class DataError(UserError):
     """The data set cannot be read or rendered."""
+
+
+class RunDirError(UserError):
+    """A run directory is missing, unfinished, or does not fit the command (evaluate, generate, export)."""

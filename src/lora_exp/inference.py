@@ -1,0 +1,235 @@
+"""Trained runs back in memory: a run directory's config, its base model and its adapters.
+
+Shared by ``evaluate``, ``generate`` and ``export``. A run directory holds the resolved train
+config (``.hydra/config.yaml``) and a PEFT adapter (``adapter/``); the base model is found through
+the adapter's ``base_model_name_or_path`` and, when that folder is gone (a cleaned cache, another
+machine), rebuilt from the run's ``model`` config exactly as training found it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lora_exp.errors import RunDirError, UserError
+from lora_exp.rundir import ADAPTER_DIR
+
+CONFIG_FILE = Path(".hydra") / "config.yaml"
+HYDRA_FILE = Path(".hydra") / "hydra.yaml"
+
+
+@dataclass
+class Run:
+    """A finished training run: its directory, its resolved train config and its adapter name."""
+
+    path: Path
+    cfg: DictConfig
+    name: str
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.path / ADAPTER_DIR
+
+    @property
+    def adapter_config(self) -> dict[str, Any]:
+        return json.loads((self.adapter_dir / "adapter_config.json").read_text())
+
+    def group_choice(self, group: str) -> str | None:
+        """The option the run picked for a config group (``data`` -> ``json_extract``), if recorded."""
+        hydra_file = self.path / HYDRA_FILE
+        if not hydra_file.is_file():
+            return None
+        choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
+        return choices.get(group)
+
+
+def run_dirs(value: Any) -> list[str]:
+    """``run_dir=DIR`` or ``run_dir=[A,B,C]`` as a list of strings."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if value is None or value == "" or value == []:
+        raise RunDirError("run_dir is missing: pass run_dir=DIR (a training run directory) or run_dir=[A,B,...]")
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    """Read a run directory; one clear error when it is not a finished run with an adapter."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise RunDirError(f"run_dir={path}: no such directory")
+    if not (path / CONFIG_FILE).is_file():
+        raise RunDirError(f"run_dir={path}: no {CONFIG_FILE} (not a lora_exp.train run directory)")
+    if not (path / ADAPTER_DIR / "adapter_config.json").is_file():
+        raise RunDirError(
+            f"run_dir={path}: no {ADAPTER_DIR}/adapter_config.json (the run did not finish; see its metrics.json)"
+        )
+    cfg = OmegaConf.load(path / CONFIG_FILE)
+    return Run(path=path.resolve(), cfg=cfg, name=name or adapter_name(path))
+
+
+def load_runs(value: Any, names: Any = None) -> list[Run]:
+    """Load every run directory of ``run_dir=``; adapter names are unique (``names=`` overrides them)."""
+    dirs = run_dirs(value)
+    if names is not None:
+        names = run_dirs(names)
+        if len(names) != len(dirs):
+            raise RunDirError(f"names={names}: {len(names)} names for {len(dirs)} run directories")
+    runs = [load_run(d, names[i] if names else None) for i, d in enumerate(dirs)]
+    seen: dict[str, int] = {}
+    for run in runs:
+        if run.name in seen or run.name == "base":
+            seen[run.name] = seen.get(run.name, 1) + 1
+            run.name = f"{run.name}_{seen[run.name]}"
+        seen.setdefault(run.name, 1)
+    return runs
+
+
+def adapter_name(path: Path) -> str:
+    """A PEFT adapter name from a run directory's name (PEFT names may not contain dots)."""
+    name = re.sub(r"[^0-9A-Za-z_-]+", "_", Path(path).resolve().name).strip("_")
+    return name or "adapter"
+
+
+def base_folder(run: Run) -> str:
+    """The base model the adapter was trained on: its recorded folder, else rebuilt from the run's config."""
+    from lora_exp.models import resolve_model_folder
+
+    recorded = run.adapter_config.get("base_model_name_or_path")
+    if recorded and (Path(recorded) / "config.json").is_file():
+        return recorded
+    return resolve_model_folder(run.cfg.model)
+
+
+def check_same_base(runs: Sequence[Run]) -> str:
+    """All adapters must share one base model to be swapped on it; return that base's folder."""
+    folders = [base_folder(r) for r in runs]
+    differ = [f"{r.path} -> {f}" for r, f in zip(runs, folders) if f != folders[0]]
+    if differ:
+        raise RunDirError(
+            f"run_dir: adapters on different base models cannot share one base; {runs[0].path} -> {folders[0]}, "
+            + ", ".join(differ)
+        )
+    return folders[0]
+
+
+def quant_name(cfg: DictConfig) -> str | None:
+    """The run's ``quant.mode`` (``nf4``, ``int8``), or None for a full-precision base."""
+    quant = cfg.get("quant")
+    mode = quant.get("mode") if OmegaConf.is_dict(quant) else quant
+    return None if mode in (None, "none", False) else str(mode)
+
+
+def load_base(run: Run, folder: str, dtype: str | None = None):
+    """Load the frozen base as training did (``model.dtype``, the run's ``quant``), in eval mode.
+
+    Args:
+        run: the run whose config says how the base was loaded.
+        folder: the base model folder (see ``base_folder``).
+        dtype: override of ``model.dtype`` (``export`` merges in float32).
+    """
+    from transformers.utils import logging as hf_logging
+
+    from lora_exp import models
+
+    hf_logging.disable_progress_bar()  # a bar per weight load is noise next to streamed text and tables
+    model_cfg = run.cfg.model
+    if dtype is not None:
+        model_cfg = OmegaConf.merge(model_cfg, {"dtype": dtype})
+    if quant_name(run.cfg) is None:
+        base = models.load_base_model(model_cfg, folder)
+    else:
+        base = load_quantized_base(run, model_cfg, folder)
+    base.eval()
+    return base
+
+
+def load_quantized_base(run: Run, model_cfg: DictConfig, folder: str):
+    """The base in 4 or 8 bits through bitsandbytes, with the run's ``quant.bnb`` settings.
+
+    Norms and other unquantized weights are cast to fp32 as PEFT's k-bit preparation did in
+    training, so the numbers match the run's.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from lora_exp import quant
+    from lora_exp.models import torch_dtype
+
+    base = AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch_dtype(model_cfg.dtype),
+        attn_implementation=model_cfg.get("attn_implementation") or "sdpa",
+        quantization_config=quant.bnb_config(run.cfg.quant),
+        device_map=quant.device_map(),
+    )
+    base.config.use_cache = False
+    return quant.prepare(base, gradient_checkpointing=False)
+
+
+def attach_adapters(base, runs: Sequence[Run]):
+    """Load each run's adapter onto ``base`` as a named PEFT adapter; the first one is active.
+
+    The base weights are loaded once; ``model.set_adapter(name)`` switches between adapters and
+    ``with model.disable_adapter():`` gives the base model alone.
+    """
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, str(runs[0].adapter_dir), adapter_name=runs[0].name)
+    for run in runs[1:]:
+        model.load_adapter(str(run.adapter_dir), adapter_name=run.name)
+    model.set_adapter(runs[0].name)
+    model.eval()
+    return model
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_app(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Call ``fn(cfg)``; a ``UserError`` becomes one line on stderr and exit code 2.
+
+    ``HYDRA_FULL_ERROR=1`` shows the full traceback instead.
+    """
+    try:
+        return fn(cfg)
+    except UserError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"lora_exp.{command}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def quote_free_text(argv: list[str], keys: Sequence[str]) -> list[str]:
+    """Quote free-text values (``prompt=Hello, world``) so Hydra's override grammar takes them verbatim.
+
+    Unquoted, Hydra reads commas as a sweep, brackets as a list and ``${`` as an interpolation.
+    Values the user already quoted for Hydra are left as they are.
+    """
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key in keys and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
+            value = value.replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+            arg = f"{key}='{value}'"
+        out.append(arg)
+    return out
+
+
+def quiet_lightning() -> None:
+    """Lightning's info lines (GPU available, ...) go through Hydra's logging once, not twice."""
+    import logging
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+        logging.getLogger(name).setLevel(logging.WARNING)
