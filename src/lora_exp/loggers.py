@@ -1,13 +1,32 @@
-"""Experiment loggers: Weights & Biases (online when logged in, else offline), CSV."""
+"""Experiment loggers: Weights & Biases (online when logged in, else offline), the run's metric history.
+
+W&B is never allowed to fail a run: when the server cannot be reached the run is logged offline
+inside the run directory instead, and anything that goes wrong while logging at the end of a run
+is a warning. In a Hydra multirun every job gets its own W&B run, all in one group named after
+the sweep, with the job's overrides as config and tags.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import netrc
 import os
 from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from lora_exp import metrics as M
 
 log = logging.getLogger(__name__)
+
+HISTORY_FILE = "history.jsonl"  # in the run directory: every logged metric, one JSON line per logging call
+
+WANDB_TAG_MAX = 64  # W&B rejects longer tags
 
 
 def wandb_logged_in() -> bool:
@@ -22,30 +41,335 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def wandb_logger(save_dir: str, project: str, mode: str | None = None, **kwargs):
+def sweep_context() -> dict[str, Any] | None:
+    """The Hydra multirun this job belongs to: group name, job number and the job's overrides.
+
+    None outside a multirun. The group is named after the sweep directory's last two parts
+    (``sweeps/rank_alpha/2025-01-01_12-00-00`` -> ``rank_alpha-2025-01-01_12-00-00``), so every
+    job of one sweep shares it and two sweeps never do.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    hc = HydraConfig.get()
+    sweep_dir = Path(hc.sweep.dir)
+    overrides = {}
+    for item in hc.overrides.task:
+        key, _, value = item.partition("=")
+        overrides[key.lstrip("+~")] = value
+    return {
+        "group": f"{sweep_dir.parent.name}-{sweep_dir.name}",
+        "dir": str(sweep_dir),
+        "job_num": hc.job.num,
+        "overrides": overrides,
+    }
+
+
+def wandb_logger(
+    save_dir: str,
+    project: str,
+    mode: str | None = None,
+    group: str | None = None,
+    tags: list[str] | None = None,
+    name: str | None = None,
+    entity: str | None = None,
+    log_model: bool = False,
+    num_samples: int = 4,
+    max_new_tokens: int = 64,
+    init_timeout_s: float = 60,
+    run_id: str | None = None,
+):
     """A Lightning ``WandbLogger`` that never needs the network unless the user is logged in.
 
-    ``mode`` null means: ``$WANDB_MODE`` if set, else online when logged in, else offline.
+    Args:
+        save_dir: the run directory; W&B writes ``save_dir/wandb/``.
+        project: W&B project.
+        mode: ``online``, ``offline``, ``disabled`` or null: ``$WANDB_MODE`` if set, else online
+            when logged in, else offline.
+        group: W&B group; null in a multirun means the sweep's name (see ``sweep_context``).
+        tags: tags; a multirun job adds its overrides (``lora.r=8``).
+        name: W&B run name; null in a multirun means the job's overrides.
+        entity: W&B entity (user or team); null for the default.
+        log_model: Lightning's checkpoint upload; the adapter is logged as an artifact anyway.
+        num_samples: held-out prompts generated at the end of training, logged as a table (0: none).
+        max_new_tokens: length limit of those generations.
+        init_timeout_s: how long to wait for the W&B server before falling back to offline.
+        run_id: continue this W&B run (``resume=true`` passes the id the run directory recorded).
     """
-    from lightning.pytorch.loggers import WandbLogger
+    from omegaconf import OmegaConf
 
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
-    if mode == "offline":
-        log.info(
-            "W&B offline: the run is saved under %s/wandb; upload it later with `wandb sync %s/wandb/offline-run-*`",
-            save_dir,
-            save_dir,
-        )
+    if OmegaConf.is_config(tags):
+        tags = OmegaConf.to_container(tags, resolve=True)
+    tags = [str(t) for t in (tags or [])]
+    sweep = sweep_context()
+    config: dict[str, Any] = {}
+    if sweep:
+        group = group or sweep["group"]
+        name = name or ",".join(f"{k}={v}" for k, v in sweep["overrides"].items()) or None
+        tags += [f"{k}={v}"[:WANDB_TAG_MAX] for k, v in sweep["overrides"].items()]
+        config["sweep"] = sweep
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    return WandbLogger(save_dir=save_dir, project=project, mode=mode, **kwargs)
+    run = _init_run(
+        mode,
+        init_timeout_s,
+        project=project,
+        entity=entity,
+        group=group,
+        name=name,
+        tags=list(dict.fromkeys(tags)),
+        dir=save_dir,
+        config=config,
+        **({"id": run_id} if run_id else {}),
+    )
+    logger = LoraWandbLogger(
+        experiment=run, save_dir=save_dir, project=project, log_model=log_model, offline=run.offline
+    )
+    logger.num_samples = num_samples
+    logger.max_new_tokens = max_new_tokens
+    return logger
 
 
-def finish_wandb() -> None:
-    """End the current W&B run, so the next job of a multirun never logs into it."""
+def _init_run(mode: str, timeout_s: float, **kwargs):
+    """``wandb.init``; an online run that cannot reach the server falls back to offline."""
+    import wandb
+
+    if mode == "online":
+        try:
+            resume = {"resume": "allow"} if kwargs.get("id") else {}
+            return wandb.init(mode="online", settings=wandb.Settings(init_timeout=timeout_s), **resume, **kwargs)
+        except Exception as e:  # no network, bad key, server down: the run goes on offline
+            log.warning("W&B unreachable (%s: %s); logging offline instead", type(e).__name__, e)
+            finish_wandb()
+            mode = "offline"
+    run = wandb.init(mode=mode, **kwargs)
+    if mode == "offline":
+        log.info("W&B offline: upload this run later with `wandb sync %s`", run.dir.rsplit("/files", 1)[0])
+    return run
+
+
+class LoraWandbLogger(WandbLogger):
+    """Lightning's ``WandbLogger`` plus the end-of-run record: summary, adapter artifact, samples.
+
+    Attributes:
+        num_samples: held-out prompts to generate at the end of training (see ``SampleGenerations``).
+        max_new_tokens: length limit of those generations.
+    """
+
+    num_samples: int = 0
+    max_new_tokens: int = 64
+
+    def log_run_end(self, record: dict[str, Any], adapter_dir: Path | None, samples: list[dict] | None) -> None:
+        """Summary (final and best values, status), the adapter as a ``model`` artifact, the samples table.
+
+        Never raises: the run's results are already on disk, W&B trouble is only a warning.
+        """
+        run = self.experiment
+        for what, step in (
+            ("summary", lambda: run.summary.update(summary_values(record))),
+            ("samples", lambda: samples and run.log({"samples": samples_table(samples)})),
+            ("adapter", lambda: adapter_dir and _log_adapter(run, adapter_dir, record)),
+        ):
+            try:
+                step()
+            except Exception as e:  # W&B must never fail a finished run
+                log.warning("W&B: could not log the %s: %s: %s", what, type(e).__name__, e)
+
+
+def _log_adapter(run, adapter_dir: Path, record: dict[str, Any]) -> None:
+    import wandb
+
+    metadata = {k: v for k, v in record.items() if isinstance(v, (int, float, str, list)) and not isinstance(v, bool)}
+    artifact = wandb.Artifact(f"adapter-{run.id}", type="model", metadata=metadata)
+    artifact.add_dir(str(adapter_dir))
+    run.log_artifact(artifact)
+
+
+def summary_values(record: dict[str, Any]) -> dict[str, Any]:
+    """What a run's W&B summary holds: every number and string of the run record (final and best values)."""
+    return {
+        k: v
+        for k, v in record.items()
+        if isinstance(v, (str, bool)) or (isinstance(v, (int, float)) and math.isfinite(v))
+    }
+
+
+def samples_table(samples: list[dict]):
+    """A ``wandb.Table`` of held-out generations: prompt, reference, generation, exact match."""
+    import wandb
+
+    columns = ["prompt", "reference", "generation", "exact_match"]
+    return wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in samples])
+
+
+def wandb_loggers(loggers) -> list[LoraWandbLogger]:
+    return [lg for lg in loggers if isinstance(lg, LoraWandbLogger)]
+
+
+def wandb_record(loggers) -> dict[str, Any]:
+    """Where the run's W&B run lives, for metrics.json (and so for the report)."""
+    for lg in wandb_loggers(loggers):
+        run = lg.experiment
+        return {
+            M.WANDB_RUN_ID: run.id,
+            M.WANDB_GROUP: run.group or None,
+            M.WANDB_PROJECT: run.project,
+            M.WANDB_MODE: "offline" if run.offline else "online",
+        }
+    return {}
+
+
+def finish_wandb(exit_code: int | None = None) -> None:
+    """End the current W&B run, so the next job of a multirun never logs into it.
+
+    A non-zero ``exit_code`` marks the W&B run as failed.
+    """
     import sys
 
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            try:
+                if exit_code:
+                    wandb.run.summary[M.STATUS] = M.STATUS_FAILED
+                wandb.finish(exit_code=exit_code)
+            except Exception as e:  # never let W&B turn a result into a crash
+                log.warning("W&B: finish failed: %s: %s", type(e).__name__, e)
+
+
+class HistoryLogger(Logger):
+    """Every logged metric, one JSON line per logging call, in ``run_dir/history.jsonl``.
+
+    Always on (whatever ``logger=`` says) so reports can draw loss curves from local files alone,
+    and so the run record gets the best value each metric reached.
+    """
+
+    def __init__(self, run_dir: str | Path, append: bool = False):
+        """``append``: keep the rows already there (a resumed run); otherwise start an empty file."""
+        super().__init__()
+        self.path = Path(run_dir) / HISTORY_FILE
+        self.rows: list[dict[str, Any]] = read_history(run_dir) if append else []
+        if rank_zero_only.rank == 0 and not append:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
+
+    @property
+    def name(self) -> str:
+        return "history"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def best(self) -> dict[str, float]:
+        """``best/<metric>``: the best value each metric with a known direction reached (``M.GOALS``)."""
+        out = {}
+        for key, goal in M.GOALS.items():
+            values = [r[key] for r in self.rows if key in r and math.isfinite(r[key])]
+            if values:
+                out[M.best(key)] = min(values) if goal == "min" else max(values)
+        return out
+
+    def last(self, key: str) -> float | None:
+        values = [r[key] for r in self.rows if key in r]
+        return values[-1] if values else None
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows a ``HistoryLogger`` wrote; empty when the run has none."""
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class SampleGenerations(Callback):
+    """Greedy generations for the first held-out prompts, made when training ends.
+
+    Runs in ``on_train_end``, while the model is still on its training device (Lightning moves it
+    to the CPU right after), under the training precision.
+
+    Args:
+        tokenizer: the run's tokenizer.
+        examples: held-out chat examples (``{"messages": [...]}``); the last turn is the reference.
+        max_new_tokens: length limit of each generation.
+        render_prompt: messages -> prompt text ending in the assistant header, rendered exactly as
+            in training; default: the tokenizer's chat template.
+    """
+
+    def __init__(self, tokenizer, examples: list[dict], max_new_tokens: int = 64, render_prompt=None):
+        self.tokenizer = tokenizer
+        self.examples = examples
+        self.max_new_tokens = max_new_tokens
+        self.render_prompt = render_prompt
+        self.rows: list[dict[str, Any]] = []
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_rank != 0 or not self.examples:
+            return
+        try:
+            with trainer.precision_plugin.forward_context():
+                self.rows = generate_samples(
+                    pl_module.model, self.tokenizer, self.examples, self.max_new_tokens, self.render_prompt
+                )
+        except Exception as e:  # samples are a courtesy, never a reason to lose the run
+            log.warning("sample generation failed: %s: %s", type(e).__name__, e)
+
+
+def generate_samples(
+    model, tokenizer, examples: list[dict], max_new_tokens: int, render_prompt=None
+) -> list[dict[str, Any]]:
+    """Greedy-decode the reply to each example's prompt (one left-padded batch); compare with the reference."""
+    import torch
+
+    if render_prompt is None:
+
+        def render_prompt(messages):
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # generated tokens follow each prompt directly
+    device = next(p.device for p in model.parameters())
+    try:
+        prompts = [render_prompt(e["messages"][:-1]) for e in examples]
+        batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
+        with torch.no_grad():
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
+    rows = []
+    for example, text in zip(examples, texts):
+        messages = example["messages"]
+        reference = messages[-1]["content"]
+        rows.append(
+            {
+                "prompt": messages[-2]["content"],
+                "reference": reference,
+                "generation": text.strip(),
+                "exact_match": text.strip() == reference.strip(),
+            }
+        )
+    return rows

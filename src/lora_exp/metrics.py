@@ -28,6 +28,8 @@ STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_INTERRUPTED = "interrupted"
 
+BEST_PREFIX = "best/"  # the best value a metric reached during the run (see GOALS for the direction)
+
 # the data set a run trained on (lora_exp.data.datamodule: InstructionDataModule.stats)
 DATA_FORMAT = "data/format"  # chat, alpaca, prompt_response or text (what data.format=auto detected)
 DATA_TRAIN_EXAMPLES = "data/train_examples"
@@ -43,3 +45,8 @@ DATA_FINGERPRINT = "data/fingerprint"  # sha256 of examples + chat template + to
 def base(key: str) -> str:
     """The key under which a validation metric of the untrained base model is recorded."""
     return BASE_PREFIX + key
+
+
+def best(key: str) -> str:
+    """The key under which the best value of a metric during the run is recorded."""
+    return BEST_PREFIX + key

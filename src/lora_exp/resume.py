@@ -44,6 +44,11 @@ class SkippingBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.skip = 0
 
+    @property
+    def sampler(self) -> SkippingBatchSampler:
+        """Lightning calls ``loader.batch_sampler.sampler.set_epoch`` (never ``batch_sampler.set_epoch``)."""
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         for obj in {id(o): o for o in (self.batch_sampler, getattr(self.batch_sampler, "sampler", None))}.values():

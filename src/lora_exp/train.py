@@ -7,6 +7,9 @@ import hydra
 from omegaconf import DictConfig
 
 from lora_exp.config import config_dir
+from lora_exp.sweep import register_resolvers
+
+register_resolvers()  # ${sqlite_url:...} in sweeps/optuna.yaml
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

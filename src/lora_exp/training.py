@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_exp import metrics as M
 from lora_exp.config import validate
 from lora_exp.errors import UserError
-from lora_exp.rundir import ADAPTER_DIR, write_metrics
+from lora_exp.rundir import ADAPTER_DIR, read_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +32,42 @@ def run_cli(cfg: DictConfig) -> float | None:
             raise
         print(f"lora_exp.train: error: {e}", file=sys.stderr, flush=True)
         if _is_multirun():
-            return None
+            return _sweep_point_failed(cfg, e)
         sys.exit(2)
+    except Exception as e:  # an out-of-memory or a bug in one sweep point must not stop the others
+        if not _is_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.exception("sweep point failed: %s", cfg.paths.run_dir)
+        print(f"lora_exp.train: error: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return _sweep_point_failed(cfg, e)
     return record.get(cfg.get("optimized_metric") or M.VAL_LOSS)
+
+
+def _sweep_point_failed(cfg: DictConfig, error: BaseException) -> None:
+    """Leave a failed sweep point recorded as failed and free its memory for the next point.
+
+    ``train`` records failures once the run has started; a point rejected by ``validate`` is
+    recorded here, so a report lists it too. Returns None: an Optuna sweeper marks the trial failed.
+    """
+    import gc
+
+    from lora_exp.loggers import finish_wandb
+    from lora_exp.rundir import METRICS_FILE
+
+    finish_wandb(exit_code=1)
+    run_dir = Path(cfg.paths.run_dir)
+    if not (run_dir / METRICS_FILE).is_file() or read_metrics(run_dir).get(M.STATUS) != M.STATUS_FAILED:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_metrics(run_dir, M.STATUS_FAILED, {M.ERROR: f"{type(error).__name__}: {error}"})
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:
+        pass
+    return None
 
 
 def _is_multirun() -> bool:
@@ -62,6 +95,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     except BaseException as e:
         write_metrics(run_dir, M.STATUS_FAILED, {**record, M.ERROR: f"{type(e).__name__}: {e}"})
+        from lora_exp.loggers import finish_wandb
+
+        finish_wandb(exit_code=1)  # the W&B run shows as failed
         raise
     finally:
         from lora_exp.loggers import finish_wandb
@@ -77,6 +113,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
     from lora_exp import lora
     from lora_exp.callbacks import Throughput
     from lora_exp.data.datamodule import InstructionDataModule
+    from lora_exp.loggers import HistoryLogger, wandb_loggers, wandb_record
     from lora_exp.models import load_base_model, load_tokenizer, resolve_model_folder
     from lora_exp.module import LoraModule
 
@@ -105,6 +142,11 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
     throughput = Throughput()
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [throughput]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    history = HistoryLogger(run_dir)  # always: reports draw curves and best values from it
+    loggers.append(history)
+    samples = _sample_generations(loggers, tokenizer, datamodule)
+    callbacks += [samples] if samples else []
+    record.update(wandb_record(loggers))
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         callbacks=callbacks,
@@ -130,10 +172,39 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
     if evaluate:
         record.update(module.last_val)
     record.update(throughput.totals())
+    record.update(history.best())
+    if history.last(M.TRAIN_LOSS) is not None:
+        record[M.TRAIN_LOSS] = history.last(M.TRAIN_LOSS)
     record[M.STEPS] = trainer.global_step
     model.save_pretrained(run_dir / ADAPTER_DIR)
     record["time/total_s"] = round(time.perf_counter() - started, 1)
+    for wandb_logger in wandb_loggers(loggers):
+        rows = samples.rows if samples else None
+        wandb_logger.log_run_end({**record, M.STATUS: M.STATUS_COMPLETED}, run_dir / ADAPTER_DIR, rows)
     print(summary(record, lora.trainable_params_line(model), run_dir / ADAPTER_DIR), flush=True)
+
+
+def _sample_generations(loggers: list, tokenizer, datamodule):
+    """A callback generating replies to the first held-out prompts, when a W&B logger wants them."""
+    from lora_exp.loggers import SampleGenerations, wandb_loggers
+
+    wanted = max((lg.num_samples for lg in wandb_loggers(loggers)), default=0)
+    if wanted <= 0:
+        return None
+    try:  # the held-out records as chat examples, rendered exactly as the data module renders them
+        from lora_exp.data import formats
+
+        _, val = datamodule.load_records()
+        fields = formats.field_names(datamodule.cfg.get("fields"))
+        examples = [formats.convert(r, datamodule.format, fields) for r in val[:wanted]]
+        examples = [e for e in examples if e.get("messages") and e["messages"][-1]["role"] == "assistant"]
+        renderer = getattr(datamodule, "renderer", None)
+        render = (lambda m: renderer._apply(m, add_generation_prompt=True)) if hasattr(renderer, "_apply") else None
+    except Exception as e:  # samples are a courtesy: never a reason to fail the run
+        log.warning("no sample generations: %s: %s", type(e).__name__, e)
+        return None
+    max_new_tokens = max(lg.max_new_tokens for lg in wandb_loggers(loggers))
+    return SampleGenerations(tokenizer, examples, max_new_tokens, render)
 
 
 def _quiet_lightning() -> None:
