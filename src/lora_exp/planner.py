@@ -1,0 +1,596 @@
+"""What a training run will cost, computed without loading a single weight.
+
+The model is built from its architecture on PyTorch's meta device (shapes and dtypes, no
+storage) and wrapped by PEFT's own ``get_peft_model``, so parameter counts are PEFT's exact
+figures. Peak memory is the sum of what a LoRA training step keeps alive at the start of the
+backward pass: frozen weights, adapter, its gradients and optimizer state, the activations
+autograd saves for the backward pass, and the loss's logits. The activation terms follow what
+autograd actually saves in transformers' Llama, PEFT's LoRA layers and our loss
+(:mod:`lora_exp.loss`); a test checks the total against a measured CPU run of the default model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_exp.errors import ConfigError, ModelAccessError
+
+GIB = 2**30
+MIB = 2**20
+
+DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+
+# Optimizer state tensors kept per trainable parameter, and bytes per state element (None: the
+# parameter's own dtype). Matched against the last component of ``optim.optimizer._target_``.
+OPTIMIZER_STATES: dict[str, tuple[int, int | None]] = {
+    "AdamW": (2, None),
+    "Adam": (2, None),
+    "NAdam": (2, None),
+    "RAdam": (2, None),
+    "Adamax": (2, None),
+    "Adagrad": (1, None),
+    "RMSprop": (1, None),
+    "Lion": (1, None),
+    "AdamW8bit": (2, 1),
+    "Adam8bit": (2, 1),
+    "PagedAdamW8bit": (2, 1),
+    "PagedAdamW": (2, None),
+    "PagedAdamW32bit": (2, 4),
+    "AdamW32bit": (2, 4),
+    "Lion8bit": (1, 1),
+}
+
+# Bytes the backward pass of a cross-entropy holds per (position, vocabulary entry) at its peak:
+# the saved fp32 log-softmax output, the incoming fp32 gradient and the fp32 gradient it produces.
+CE_BACKWARD_BYTES = 12
+# transformers' default loss: bf16 logits at every position kept in the model output, plus the
+# same fp32 log-softmax and its two gradients.
+HF_FULL_LOGITS_BYTES = 2 + CE_BACKWARD_BYTES
+
+
+@dataclass
+class Arch:
+    """The handful of architecture numbers the activation estimate needs."""
+
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def from_hf(cls, config) -> Arch:
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            vocab=config.vocab_size,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            layers=config.num_hidden_layers,
+            heads=heads,
+            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+        )
+
+
+@dataclass
+class Plan:
+    """One sweep point's dry-run figures. Byte counts are per device."""
+
+    label: str
+    params_line: str
+    trainable: int
+    total: int
+    adapter_file_bytes: int
+    micro_batch: int
+    seq_len: int
+    supervised_per_step: int
+    tokens_per_step: int
+    world: int
+    accumulate: int
+    device: str
+    checkpointing: bool
+    memory: dict[str, int] = field(default_factory=dict)  # the terms summed into peak_bytes
+    activations_other: int = 0  # activations with the other checkpointing choice, for comparison
+    logits_full: int = 0  # logits of transformers' default full-vocab loss, for comparison
+    peak_bytes: int = 0
+    gpu_mem_gb: float | None = None
+    overhead_gb: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        if not self.gpu_mem_gb:
+            return None
+        return self.peak_bytes + self.overhead_gb * GIB <= self.gpu_mem_gb * GIB
+
+    def row(self) -> dict[str, Any]:
+        """Flat figures for a sweep table or a JSON file."""
+        return {
+            "point": self.label,
+            "trainable_params": self.trainable,
+            "total_params": self.total,
+            "adapter_mib": round(self.adapter_file_bytes / MIB, 2),
+            "tokens_per_step": self.tokens_per_step,
+            "peak_gib": round(self.peak_bytes / GIB, 2),
+            **{f"mem/{k}_gib": round(v / GIB, 3) for k, v in self.memory.items()},
+            "fits": self.fits,
+        }
+
+
+# --------------------------------------------------------------------------- model on meta
+
+
+def architecture(model_cfg) -> dict[str, Any]:
+    """The HF config dict of ``model``, without touching the network.
+
+    Order: ``model.path``'s config.json, the ``config:`` block of the model's yaml, the locally
+    converted default model, the local HF cache of ``model.hub_id``.
+    """
+    from omegaconf import OmegaConf
+
+    if model_cfg.get("path"):
+        path = Path(model_cfg.path).expanduser() / "config.json"
+        if not path.is_file():
+            raise ModelAccessError(f"model.path={model_cfg.path}: no config.json there (expected an HF model folder)")
+        return json.loads(path.read_text())
+    if model_cfg.get("config"):
+        return OmegaConf.to_container(model_cfg.config, resolve=True)
+    if model_cfg.get("source") == "embedded":
+        from lora_exp.models import ensure_smollm2_folder
+
+        return json.loads((ensure_smollm2_folder() / "config.json").read_text())
+    hub_id = model_cfg.get("hub_id")
+    if hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(hub_id, "config.json")
+        if isinstance(cached, str):
+            return json.loads(Path(cached).read_text())
+    raise ModelAccessError(
+        f"model={model_cfg.get('name')}: no architecture to plan with; add a `config:` block (the model's "
+        f"config.json fields) to its yaml, or set model.path=DIR"
+    )
+
+
+def build_meta_model(cfg):
+    """The PEFT-wrapped model of ``cfg`` on the meta device: exact shapes and dtypes, no storage.
+
+    PiSSA / OLoRA initialise from the base weights, which do not exist here; the adapter's
+    shapes do not depend on the init, so it is built with PEFT's default init.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from omegaconf import OmegaConf
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_exp import lora
+    from lora_exp.models import torch_dtype
+
+    arch = architecture(cfg.model)
+    model_type = arch.pop("model_type", "llama")
+    for key in ("architectures", "transformers_version", "_name_or_path", "_model_name_or_path"):
+        arch.pop(key, None)
+    config = AutoConfig.for_model(model_type, **arch)
+    with init_empty_weights():
+        base = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(cfg.model.dtype))
+    base.tie_weights()  # init_empty_weights skips tying: a tied lm_head would be counted twice
+    lora_cfg = OmegaConf.to_container(cfg.lora, resolve=True)
+    lora_cfg["init"] = "default"
+    peft_model = get_peft_model(base, lora.peft_config(OmegaConf.create(lora_cfg)))
+    assert next(peft_model.parameters()).device == torch.device("meta")
+    return peft_model, config
+
+
+# --------------------------------------------------------------------------- sizes
+
+
+def adapter_file_bytes(peft_model) -> int:
+    """Size of ``adapter_model.safetensors`` as ``save_pretrained`` would write it.
+
+    The data part is the adapter state dict's bytes; the header is safetensors' JSON index
+    (names, dtypes, shapes, offsets) padded to 8 bytes, rebuilt here in the library's order.
+    """
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    names = {"torch.float32": "F32", "torch.bfloat16": "BF16", "torch.float16": "F16", "torch.int8": "I8"}
+    # safetensors orders tensors by alignment (wider dtypes first), then by name
+    order = sorted(state, key=lambda k: (-state[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in order:
+        t = state[name]
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": names.get(str(t.dtype), "F32"),
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    text = json.dumps(header, separators=(",", ":"))
+    return 8 + math.ceil(len(text) / 8) * 8 + offset
+
+
+def quant_mode(cfg) -> str:
+    """``quant.mode`` when the ``quant`` group is there, else ``none``."""
+    quant = cfg.get("quant")
+    return "none" if not quant else str(quant.get("mode", "none"))
+
+
+def _quantized_bytes(numel: int, out_features: int, mode: str, double_quant: bool) -> float:
+    """Storage of one bitsandbytes-quantized linear weight."""
+    if mode == "nf4":
+        blocks = numel / 64  # one absmax per 64 weights
+        # double quantization stores absmax as 8-bit with an fp32 constant per 256 blocks
+        return numel / 2 + (blocks + 4 * blocks / 256 if double_quant else 4 * blocks)
+    return numel + 4 * out_features  # int8: one byte per weight and an fp32 scale per row
+
+
+def weight_bytes(peft_model, cfg) -> tuple[dict[str, int], int, int]:
+    """Frozen weights by storage kind, trainable weights, and trainable elements.
+
+    Under ``quant``, bitsandbytes quantizes the decoder's linear layers (never ``lm_head``), and
+    PEFT's k-bit preparation casts every other frozen weight to fp32.
+    """
+    import torch
+
+    mode = quant_mode(cfg)
+    double_quant = bool(cfg.quant.get("bnb", {}).get("bnb_4bit_use_double_quant", False)) if mode == "nf4" else False
+    quantized: dict[int, int] = {}
+    if mode != "none":
+        for name, module in peft_model.named_modules():
+            leaf = name.rsplit(".", 1)[-1]
+            if (
+                isinstance(module, torch.nn.Linear)
+                and ".layers." in name
+                and "lora_" not in name
+                and "modules_to_save" not in name
+                and leaf != "lm_head"
+            ):
+                quantized[id(module.weight)] = module.out_features
+    frozen: dict[str, int] = {}
+    trainable_bytes = trainable_numel = 0
+    for _, p in peft_model.named_parameters():
+        if p.requires_grad:
+            itemsize = 4 if mode != "none" and p.dtype != torch.float32 else p.element_size()
+            trainable_bytes += p.numel() * itemsize
+            trainable_numel += p.numel()
+        elif id(p) in quantized:
+            key = f"base weights ({mode})"
+            frozen[key] = frozen.get(key, 0) + int(_quantized_bytes(p.numel(), quantized[id(p)], mode, double_quant))
+        else:
+            dtype = "float32" if mode != "none" else str(p.dtype).removeprefix("torch.")
+            key = f"base weights ({dtype})" if mode == "none" else "other weights (float32, k-bit prep)"
+            frozen[key] = frozen.get(key, 0) + p.numel() * (4 if mode != "none" else p.element_size())
+    return frozen, trainable_bytes, trainable_numel
+
+
+def optimizer_state_bytes(peft_model, optim_cfg, fp32_trainable: bool = False) -> tuple[int, str]:
+    """Optimizer state of the trainable parameters, and a short description.
+
+    ``fp32_trainable``: every trainable weight is fp32 (after PEFT's k-bit preparation).
+    """
+    target = str(optim_cfg.optimizer.get("_target_", "torch.optim.AdamW"))
+    name = target.rsplit(".", 1)[-1]
+    if name == "SGD":
+        states, per = (1 if optim_cfg.optimizer.get("momentum") else 0), None
+    else:
+        states, per = OPTIMIZER_STATES.get(name, (2, None))
+    total = sum(
+        states * p.numel() * (per if per is not None else 4 if fp32_trainable else p.element_size())
+        for p in peft_model.parameters()
+        if p.requires_grad
+    )
+    return total, f"{name}, {states} state{'s' if states != 1 else ''}"
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@dataclass
+class StepShape:
+    """One micro-batch as the model sees it."""
+
+    batch: int  # sequences per micro-batch
+    seq_len: int  # padded (or packed) length
+    supervised: int  # positions reaching the LM head in the micro-batch
+    padded: bool  # an attention mask is passed (padding) rather than packed position_ids
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+
+def _targets(peft_model) -> set[str]:
+    config = peft_model.peft_config["default"]
+    targets = config.target_modules
+    return {targets} if isinstance(targets, str) else set(targets)
+
+
+def activation_bytes(
+    arch: Arch,
+    shape: StepShape,
+    targets: set[str],
+    r: int,
+    dropout: float,
+    *,
+    compute: int,
+    residual: int,
+    linear_out: int,
+    device: str,
+    attn: str,
+    checkpointing: bool,
+) -> int:
+    """Bytes autograd saves for the backward pass of the decoder stack (one micro-batch).
+
+    Frozen linear layers save only their (existing) weight; what remains per layer is the fp32
+    RMSNorm inputs, each LoRA layer's dropped-out input (and dropout mask), the attention inputs
+    and output, and the MLP's gate / SiLU / up products.
+
+    Args:
+        arch: architecture numbers.
+        shape: micro-batch shape.
+        targets: LoRA target module names.
+        r: LoRA rank.
+        dropout: LoRA dropout probability.
+        compute: bytes per element of matmul inputs (2 under bf16/fp16, else 4).
+        residual: bytes per element of the residual stream.
+        linear_out: bytes per element of frozen linear outputs (fp32 under bitsandbytes k-bit).
+        device: ``cuda`` (dropout keeps a 1-byte mask) or ``cpu`` (a mask in the LoRA dtype).
+        attn: ``sdpa``/``flash_attention_2`` (fused kernels) or ``eager`` (keeps probabilities).
+        checkpointing: keep only each layer's input and recompute one layer in the backward.
+    """
+    T, L = shape.tokens, shape.seq_len
+    h, inter = arch.hidden, arch.intermediate
+    h_q, h_kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    mask_bytes = 0 if dropout == 0 else (1 if device == "cuda" else 4)
+
+    def lora_in(name: str, width: int) -> int:
+        # PEFT casts the input to the fp32 adapter dtype, applies dropout (saving its mask), and
+        # the adapter's A matmul keeps the input in the compute dtype; A's r outputs are kept by B
+        return (mask_bytes + compute) * width + compute * r if name in targets else 0
+
+    norm = 4 * h + 4  # fp32 copy of the input and the reciprocal RMS
+    qkv_lora = sum(lora_in(n, h) for n in ("q_proj", "k_proj", "v_proj"))
+    if attn == "eager":
+        # q, repeated k and v; fp32 softmax output and its cast
+        attention = 3 * compute * h_q + 6 * arch.heads * L
+    elif shape.padded:
+        # a mask forces transformers to repeat k/v to every head; the kernel keeps q, k, v, output,
+        # the log-sum-exp and its own copy of the mask
+        attention = 4 * compute * h_q + 4 * arch.heads + compute * L
+    else:
+        attention = compute * (2 * h_q + 2 * h_kv) + 4 * arch.heads
+    o_lora = lora_in("o_proj", h_q)
+    mlp = 3 * linear_out * inter + sum(lora_in(n, h) for n in ("gate_proj", "up_proj")) + lora_in("down_proj", inter)
+    per_token = 2 * norm + qkv_lora + attention + o_lora + mlp
+    # the first layer's input does not require grad: its first norm and q/k/v dropout keep nothing
+    first_layer_saving = norm + sum(mask_bytes * h for n in ("q_proj", "k_proj", "v_proj") if n in targets)
+    final_norm = 4 * h
+    if checkpointing:
+        return T * (arch.layers * residual * h + per_token + final_norm)
+    return T * (arch.layers * per_token - first_layer_saving + final_norm)
+
+
+def logits_bytes(arch: Arch, supervised: int, chunk_size: int) -> int:
+    """Peak bytes of our loss's logits: one chunk of supervised positions at a time."""
+    return CE_BACKWARD_BYTES * min(supervised, chunk_size) * arch.vocab
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def _world(trainer_cfg) -> int:
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, int):
+        n = devices if devices > 0 else 1
+    elif isinstance(devices, str) and devices.isdigit():
+        n = int(devices)
+    elif isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        n = len(devices)
+    else:
+        n = 1
+    return n * int(trainer_cfg.get("num_nodes", 1) or 1)
+
+
+def _strategy(trainer_cfg) -> str:
+    strategy = trainer_cfg.get("strategy")
+    if strategy is None:
+        return ""
+    if isinstance(strategy, str):
+        return strategy.lower()
+    return json.dumps(_plain(strategy)).lower()
+
+
+def _plain(node) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _compute_bytes(cfg) -> int:
+    precision = str(cfg.trainer.get("precision", "32"))
+    if "16" in precision and "32" not in precision.replace("16", ""):
+        return 2
+    return DTYPE_BYTES.get(str(cfg.model.dtype), 4) if quant_mode(cfg) == "none" else 2
+
+
+def step_shape(cfg) -> StepShape:
+    """Micro-batch shape: ``plan.seq_len`` (default ``data.max_seq_len``) and the supervised share."""
+    plan_cfg = cfg.get("plan") or {}
+    batch = int(cfg.data.batch_size)
+    seq_len = int(plan_cfg.get("seq_len") or cfg.data.max_seq_len)
+    fraction = plan_cfg.get("supervised_fraction")
+    fraction = 1.0 if fraction is None else float(fraction)
+    if not 0 <= fraction <= 1:
+        raise ConfigError([f"plan.supervised_fraction={fraction}: must be between 0 and 1"])
+    # the last position of each sequence has no next token to predict
+    supervised = math.ceil(fraction * batch * (seq_len - 1))
+    return StepShape(batch, seq_len, supervised, padded=not bool(cfg.data.get("packing", False)))
+
+
+def make_plan(cfg, label: str = "") -> Plan:
+    """Build the meta model of ``cfg`` and compute every figure of its plan."""
+    from lora_exp import lora
+
+    plan_cfg = cfg.get("plan") or {}
+    device = str(plan_cfg.get("device") or "cuda")
+    if device not in ("cuda", "cpu"):
+        raise ConfigError([f"plan.device={device!r}: expected cuda or cpu"])
+    peft_model, hf_config = build_meta_model(cfg)
+    arch = Arch.from_hf(hf_config)
+    trainable, total = lora.param_counts(peft_model)
+    shape = step_shape(cfg)
+    world = _world(cfg.trainer)
+    accumulate = int(cfg.trainer.get("accumulate_grad_batches", 1) or 1)
+    checkpointing = bool(cfg.model.get("gradient_checkpointing", False))
+    mode = quant_mode(cfg)
+
+    frozen, adapter, _ = weight_bytes(peft_model, cfg)
+    optimizer, optimizer_name = optimizer_state_bytes(peft_model, cfg.optim, fp32_trainable=mode != "none")
+    compute = _compute_bytes(cfg)
+    # the residual stream keeps the embeddings' dtype: fp32 after k-bit preparation
+    residual = 4 if mode != "none" else DTYPE_BYTES.get(str(cfg.model.dtype), 4)
+    # bitsandbytes layers return their input's dtype, fp32 after k-bit preparation
+    linear_out = 4 if mode != "none" else compute
+    act_kwargs = dict(
+        compute=compute,
+        residual=residual,
+        linear_out=linear_out,
+        device=device,
+        attn=str(cfg.model.get("attn_implementation") or "sdpa"),
+    )
+    targets = _targets(peft_model)
+    r, dropout = int(cfg.lora.r), float(cfg.lora.dropout)
+    activations = activation_bytes(arch, shape, targets, r, dropout, checkpointing=checkpointing, **act_kwargs)
+    other = activation_bytes(arch, shape, targets, r, dropout, checkpointing=not checkpointing, **act_kwargs)
+    chunk = int(cfg.get("loss", {}).get("chunk_size", 4096))
+    logits = logits_bytes(arch, shape.supervised, chunk)
+
+    # sharded strategies split weights, gradients and optimizer state across devices
+    strategy = _strategy(cfg.trainer)
+    shard_weights = world if ("fsdp" in strategy or "stage_3" in strategy) else 1
+    shard_state = world if (shard_weights > 1 or "stage_2" in strategy) else 1
+    memory = {f"{k}": v // shard_weights for k, v in frozen.items()}
+    memory["adapter weights (float32)"] = adapter // shard_weights
+    memory["gradients"] = adapter // shard_state
+    memory[f"optimizer state ({optimizer_name})"] = optimizer // shard_state
+    memory[f"activations ({'with' if checkpointing else 'no'} gradient checkpointing)"] = activations
+    memory[f"logits (chunked CE, {min(shape.supervised, chunk):,} positions at once)"] = logits
+    if cfg.lora.get("use_dora"):
+        # DoRA materialises the merged weight of one adapted layer (fp32) to normalise it
+        widest = max(
+            (
+                m.weight.numel()
+                for n, m in peft_model.named_modules()
+                if n.endswith("base_layer") and hasattr(m, "weight")
+            ),
+            default=0,
+        )
+        memory["DoRA weight-norm buffer"] = 2 * 4 * widest
+
+    plan = Plan(
+        label=label,
+        params_line=lora.trainable_params_line(peft_model),
+        trainable=trainable,
+        total=total,
+        adapter_file_bytes=adapter_file_bytes(peft_model),
+        micro_batch=shape.batch,
+        seq_len=shape.seq_len,
+        supervised_per_step=shape.supervised * accumulate * world,
+        tokens_per_step=shape.tokens * accumulate * world,
+        world=world,
+        accumulate=accumulate,
+        device=device,
+        checkpointing=checkpointing,
+        memory=memory,
+        activations_other=other,
+        logits_full=HF_FULL_LOGITS_BYTES * shape.tokens * arch.vocab,
+        gpu_mem_gb=float(plan_cfg["gpu_mem_gb"]) if plan_cfg.get("gpu_mem_gb") else None,
+        overhead_gb=float(plan_cfg.get("overhead_gb") or 0.0),
+    )
+    plan.peak_bytes = sum(memory.values())
+    if cfg.lora.get("init") not in (None, "default", "gaussian"):
+        plan.notes.append(f"lora.init={cfg.lora.init}: shapes as planned; the init itself needs the real weights")
+    if str(cfg.trainer.get("devices", 1)) == "auto":
+        plan.notes.append("trainer.devices=auto: planned for 1 device; set trainer.devices=N for N")
+    return plan
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def format_plan(plan: Plan, cfg) -> str:
+    """The single-point report: PEFT's line, adapter size, tokens per step, the memory breakdown."""
+    mode = quant_mode(cfg)
+    targets = ",".join(sorted(plan_targets(cfg)))
+    lines = [
+        f"plan: model={cfg.model.name} quant={mode} lora r={cfg.lora.r} alpha={cfg.lora.alpha} on {targets} "
+        f"(meta device: no weights loaded)",
+        plan.params_line,
+        f"adapter on disk: {plan.adapter_file_bytes / MIB:.2f} MiB (adapter_model.safetensors)",
+        f"tokens per step: {plan.tokens_per_step:,} = micro-batch {plan.micro_batch} x {plan.seq_len} tokens"
+        f" x {plan.accumulate} accumulated x {plan.world} device{'s' if plan.world > 1 else ''}"
+        f" (supervised positions <= {plan.supervised_per_step:,})",
+        f"estimated peak training memory per {plan.device} device:",
+    ]
+    width = max(len(k) for k in plan.memory) + 2
+    for key, value in plan.memory.items():
+        lines.append(f"  {key:<{width}}{_gib(value)}")
+    lines.append(f"  {'total':<{width}}{_gib(plan.peak_bytes)}")
+    other = "with" if not plan.checkpointing else "without"
+    lines.append(
+        f"  for comparison: activations {other} gradient checkpointing (model.gradient_checkpointing="
+        f"{str(not plan.checkpointing).lower()}) {plan.activations_other / GIB:.2f} GiB; full-vocab logits at "
+        f"every position (transformers' default loss) {plan.logits_full / GIB:.2f} GiB"
+    )
+    if plan.fits is not None:
+        verdict = "fits" if plan.fits else "DOES NOT FIT"
+        lines.append(
+            f"{verdict} in plan.gpu_mem_gb={plan.gpu_mem_gb:g} "
+            f"(with plan.overhead_gb={plan.overhead_gb:g} for CUDA context and fragmentation)"
+        )
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def plan_targets(cfg) -> list[str]:
+    from lora_exp.lora import resolve_target_modules
+
+    return resolve_target_modules(cfg.lora.target_modules)
+
+
+def format_table(plans: list[Plan]) -> str:
+    """One row per sweep point; points that do not fit are flagged."""
+    header = ["#", "point", "trainable", "all params", "adapter MiB", "tokens/step", "peak GiB", "fits"]
+    rows = []
+    for i, p in enumerate(plans):
+        fits = "-" if p.fits is None else ("yes" if p.fits else f"NO (> {p.gpu_mem_gb:g} GiB)")
+        rows.append(
+            [
+                str(i),
+                p.label or "(defaults)",
+                f"{p.trainable:,}",
+                f"{p.total:,}",
+                f"{p.adapter_file_bytes / MIB:.2f}",
+                f"{p.tokens_per_step:,}",
+                f"{p.peak_bytes / GIB:.2f}",
+                fits,
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    left = {1}
+
+    def fmt(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
