@@ -20,6 +20,7 @@ TRAINABLE_PARAMS = "trainable_params"
 TOTAL_PARAMS = "total_params"
 LORA_SCALING = "lora/scaling"
 STEPS = "trainer/global_step"
+WORLD_SIZE = "trainer/world_size"  # processes that trained together (DDP/FSDP ranks)
 STATUS = "status"
 ERROR = "error"
 
@@ -27,8 +28,8 @@ STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_INTERRUPTED = "interrupted"
-
-BEST_PREFIX = "best/"  # the best value a metric reached during the run (see GOALS for the direction)
+STOP_REASON = "stop_reason"  # why a run ended early, when it did
+STOP_NON_FINITE_LOSS = "non_finite_loss"
 
 # the data set a run trained on (lora_exp.data.datamodule: InstructionDataModule.stats)
 DATA_FORMAT = "data/format"  # chat, alpaca, prompt_response or text (what data.format=auto detected)
@@ -40,6 +41,38 @@ DATA_DROPPED = "data/dropped"  # examples left with no supervised token, not use
 DATA_PACKING = "data/packing"
 DATA_PADDING_FRACTION = "data/padding_fraction"  # padding share of the first epoch's training batches
 DATA_FINGERPRINT = "data/fingerprint"  # sha256 of examples + chat template + tokenizer + settings
+
+BEST_PREFIX = "best/"  # the best value a metric reached during the run (see GOALS for the direction)
+
+# which way is better, for "best" summaries, Optuna objectives and bold table cells
+GOALS = {
+    TRAIN_LOSS: "min",
+    VAL_LOSS: "min",
+    VAL_PPL: "min",
+    VAL_EXACT_MATCH: "max",
+    VAL_TOKEN_ACC: "max",
+    TRAIN_TOKENS_PER_S: "max",
+}
+
+# where the run's W&B run lives (metrics.json), so a report can find it again
+WANDB_RUN_ID = "wandb/run_id"
+WANDB_GROUP = "wandb/group"
+WANDB_PROJECT = "wandb/project"
+WANDB_MODE = "wandb/mode"
+
+# the numeric run-record keys a sweep report aggregates over seeds (those a run has)
+REPORT_METRICS = (
+    *VAL_METRICS,
+    *(BEST_PREFIX + k for k in VAL_METRICS),
+    *(BASE_PREFIX + k for k in VAL_METRICS),
+    TRAIN_LOSS,
+    TRAIN_TOKENS_PER_S,
+    TRAIN_TIME_S,
+    TRAINABLE_PARAMS,
+    TOTAL_PARAMS,
+    LORA_SCALING,
+    STEPS,
+)
 
 
 def base(key: str) -> str:
