@@ -100,6 +100,9 @@ def wandb_logger(
     """
     from omegaconf import OmegaConf
 
+    if rank_zero_only.rank != 0:
+        # DDP/FSDP ranks > 0: Lightning logs from rank 0 only, and a W&B run here would be a second, empty one
+        return LoraWandbLogger(save_dir=save_dir, project=project, log_model=log_model, offline=True)
     mode = mode or os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
     if OmegaConf.is_config(tags):
         tags = OmegaConf.to_container(tags, resolve=True)

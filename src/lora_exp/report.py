@@ -32,7 +32,6 @@ from typing import Any
 
 from lora_exp import metrics as M
 from lora_exp.errors import UserError
-from lora_exp.loggers import read_history, wandb_logged_in
 from lora_exp.rundir import METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -287,11 +286,18 @@ def _config_label(row, cols: list[str]) -> str:
 
 
 def _best_index(df, metric: str):
+    """The row with the best mean of ``metric`` (direction from ``M.GOALS``); None when nothing differs."""
     goal = M.GOALS.get(metric)
     col = f"{metric}:mean"
-    if goal is None or col not in df or df[col].notna().sum() < 2:
+    if goal is None or col not in df or df[col].nunique(dropna=True) < 2:
         return None
     return df[col].idxmin() if goal == "min" else df[col].idxmax()
+
+
+def _is_best(df, metric: str, i) -> bool:
+    """Whether row ``i`` ties the best mean of ``metric`` (ties are all bold)."""
+    best = _best_index(df, metric)
+    return best is not None and df.at[i, f"{metric}:mean"] == df.at[best, f"{metric}:mean"]
 
 
 def _latex_escape(text: Any) -> str:
@@ -312,7 +318,6 @@ def to_latex(df, cols: list[str]) -> str:
         " & ".join(header) + r" \\",
         r"\midrule",
     ]
-    best = {m: _best_index(df, m) for m in metrics}
     for i, row in df.iterrows():
         cells = [_latex_escape(row[c]) for c in cols] + [str(int(row["n"]))]
         for m in metrics:
@@ -323,7 +328,7 @@ def to_latex(df, cols: list[str]) -> str:
             text = _fmt(mean, m).replace(",", "{,}")
             if not math.isnan(std):
                 text += r" $\pm$ " + _fmt(std, m).replace(",", "{,}")
-            cells.append(r"\textbf{" + text + "}" if best[m] == i else text)
+            cells.append(r"\textbf{" + text + "}" if _is_best(df, m, i) else text)
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]
     return "\n".join(lines)
@@ -333,7 +338,6 @@ def _summary_rows(df, cols: list[str]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the human-readable results table (mean ± std [95% CI])."""
     metrics = [m for m in TABLE_METRICS if f"{m}:mean" in df]
     header = cols + ["n", "failed"] + metrics
-    best = {m: _best_index(df, m) for m in metrics}
     rows = []
     for i, row in df.iterrows():
         cells = [str(row[c]) for c in cols] + [str(int(row["n"])), str(int(row["n_failed"]))]
@@ -342,7 +346,7 @@ def _summary_rows(df, cols: list[str]) -> tuple[list[str], list[list[str]]]:
             text = _fmt(mean, m)
             if not math.isnan(std):
                 text += f" ± {_fmt(std, m)} [{_fmt(row[f'{m}:ci95_lo'], m)}, {_fmt(row[f'{m}:ci95_hi'], m)}]"
-            cells.append(f"**{text}**" if best[m] == i else text)
+            cells.append(f"**{text}**" if _is_best(df, m, i) else text)
         rows.append(cells)
     return header, rows
 
@@ -360,6 +364,8 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def _curves(run: RunResult) -> list[dict[str, Any]]:
     """A run's logged metrics over steps: ``history.jsonl``, else the CSV logger's ``metrics.csv``."""
+    from lora_exp.loggers import read_history
+
     rows = read_history(run.path)
     if rows:
         return rows
@@ -387,9 +393,13 @@ def make_plots(df, runs: list[RunResult], cols: list[str], metric: str, out: Pat
     import matplotlib
 
     matplotlib.use("Agg")
+    import warnings
+
     import matplotlib.pyplot as plt
 
+    warnings.filterwarnings("ignore", module="matplotlib")  # one-point axes etc.: the plot is still right
     written: dict[str, str] = {}
+    df = df[df["n"] > 0]  # configurations whose runs all failed are listed, not plotted
     mean, lo, hi = f"{metric}:mean", f"{metric}:ci95_lo", f"{metric}:ci95_hi"
     has = mean in df and df[mean].notna().any()
     r_key, a_key, t_key = LORA_KEYS
@@ -499,7 +509,7 @@ def _save(fig, path: Path, written: dict[str, str], caption: str) -> None:
 
 def _failed_rows(runs: list[RunResult], cols: list[str]) -> list[list[str]]:
     return [
-        [str(r.path), r.status, _config_label(r.config, cols), str(r.seed), (r.error or "").splitlines()[0][:200]]
+        [str(r.path), r.status, _config_label(r.config, cols), str(r.seed), " ".join((r.error or "").split())[:300]]
         for r in runs
         if not r.ok
     ]
@@ -601,6 +611,8 @@ def wandb_online_extras(runs: list[RunResult], entity: str | None, metric: str) 
 
     Only when logged in and the runs were logged online; any failure is a note, never an error.
     """
+    from lora_exp.loggers import wandb_logged_in
+
     groups = wandb_groups(runs)
     if not groups or not wandb_logged_in():
         return []
