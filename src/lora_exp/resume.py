@@ -97,6 +97,32 @@ class ResumableLoader(DataLoader):
         self._pending = dict(state)
 
 
+class RestoreDataPosition(L.Callback):
+    """Hands the checkpoint's data position to the train loader before the first resumed batch.
+
+    Lightning restores stateful loaders itself only when it creates them after the checkpoint is
+    loaded; ``trainer.estimated_stepping_batches`` (the LR schedule's length) creates the loader
+    earlier, and the saved position would be silently dropped (the epoch would restart).
+    """
+
+    def __init__(self) -> None:
+        self._states: list[dict] = []
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {})
+        self._states = fit_loop.get("state_dict", {}).get("combined_loader", [])
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        states, self._states = self._states, []
+        if not states:
+            return
+        loaders = trainer.train_dataloader
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+        loaders = [lo for lo in (loaders if isinstance(loaders, (list, tuple)) else [loaders]) if hasattr(lo, "load_state_dict")]
+        for loader, state in zip(loaders, states):
+            loader.load_state_dict(state)
+
+
 def resumable(loader: DataLoader) -> DataLoader:
     """The same batches as ``loader``, from a loader that Lightning can resume mid-epoch.
 
