@@ -64,6 +64,9 @@ def validate(cfg) -> None:
         problems.append(f"model.dtype={cfg.model.get('dtype')!r}: expected one of {sorted(DTYPES)}")
     if cfg.model.get("path") and not (Path(cfg.model.path).expanduser() / "config.json").is_file():
         problems.append(f"model.path={cfg.model.path}: not an HF model folder (no config.json)")
+    loss_impl = (cfg.get("loss") or {}).get("impl", "chunked")
+    if loss_impl not in ("chunked", "full"):
+        problems.append(f"loss.impl={loss_impl!r}: expected chunked or full")
     if cfg.model.get("source") not in ("embedded", "random", "hub"):
         problems.append(f"model.source={cfg.model.get('source')!r}: expected embedded, random or hub")
     if problems:

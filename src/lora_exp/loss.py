@@ -77,3 +77,23 @@ def causal_lm_loss(peft_model, batch: dict, chunk_size: int = 4096, with_accurac
         result.n_exact = ((per_row > 0) & (wrong == 0)).sum()
         result.n_examples = (per_row > 0).sum()
     return result
+
+
+def full_logits_loss(peft_model, batch: dict, chunk_size: int = 4096) -> LossOutput:
+    """The plain path: transformers' own loss over the full ``tokens x vocab`` logits.
+
+    Same value as ``causal_lm_loss`` (a test checks it); kept as ``loss.impl=full`` to measure
+    what the supervised-positions-only chunked loss saves.
+    """
+    out = peft_model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        labels=batch["labels"],
+        use_cache=False,
+    )
+    n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    return LossOutput(out.loss.float() * n_tokens, n_tokens)
+
+
+LOSSES = {"chunked": causal_lm_loss, "full": full_logits_loss}

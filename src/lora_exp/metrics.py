@@ -6,6 +6,8 @@ TRAIN_TOKENS_PER_S = "train/tokens_per_s"  # real (non-padding) tokens per secon
 TRAIN_TOKENS = "train/tokens"  # real tokens seen in training
 TRAIN_SUPERVISED_TOKENS = "train/supervised_tokens"
 TRAIN_TIME_S = "train/time_s"
+TRAIN_LOOP_S = "time/train_loop_s"  # first training step start -> last step end, per-step overhead included
+FIRST_STEP_S = "time/first_step_s"  # process start (imports, data, weights) -> end of the first training step
 
 VAL_LOSS = "val/loss"  # mean cross-entropy over supervised held-out tokens
 VAL_PPL = "val/ppl"

@@ -10,7 +10,7 @@ import torch
 from torchmetrics import SumMetric
 
 from lora_exp import metrics as M
-from lora_exp.loss import causal_lm_loss
+from lora_exp.loss import LOSSES, causal_lm_loss
 
 
 class LoraModule(L.LightningModule):
@@ -20,11 +20,12 @@ class LoraModule(L.LightningModule):
     measures the base model (``base/val/loss``) before training and the adapter after.
     """
 
-    def __init__(self, model, optim_cfg, loss_chunk_size: int = 4096):
+    def __init__(self, model, optim_cfg, loss_chunk_size: int = 4096, loss_impl: str = "chunked"):
         super().__init__()
         self.model = model
         self.optim_cfg = optim_cfg
         self.loss_chunk_size = loss_chunk_size
+        self.train_loss = LOSSES[loss_impl]  # "full": transformers' loss, for speed comparisons
         self.metric_prefix = ""
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.last_val: dict[str, float] = {}
@@ -34,7 +35,7 @@ class LoraModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = causal_lm_loss(self.model, batch, self.loss_chunk_size)
+        out = self.train_loss(self.model, batch, self.loss_chunk_size)
         loss = out.loss_sum / out.n_tokens.clamp(min=1)
         n = batch["input_ids"].shape[0]
         self.log(M.TRAIN_LOSS, loss, prog_bar=True, batch_size=n)

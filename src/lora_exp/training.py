@@ -138,7 +138,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
         }
     )
 
-    module = LoraModule(model, cfg.optim, cfg.loss.chunk_size)
+    module = LoraModule(model, cfg.optim, cfg.loss.chunk_size, cfg.loss.get("impl", "chunked"))
     throughput = Throughput()
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [throughput]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
