@@ -69,5 +69,145 @@ def validate(cfg) -> None:
         problems.append(f"loss.impl={loss_impl!r}: expected chunked or full")
     if cfg.model.get("source") not in ("embedded", "random", "hub"):
         problems.append(f"model.source={cfg.model.get('source')!r}: expected embedded, random or hub")
+    _check_scale(cfg, problems)
+    check_run_keys(cfg, problems)
+    check_targets_and_secrets(cfg, problems)
     if problems:
         raise ConfigError(problems)
+
+
+def _check_scale(cfg, problems: list[str]) -> None:
+    """Quantization, backend, LoRA+ and distributed-strategy keys (issue: scale)."""
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from lora_exp import quant
+    from lora_exp.models import check_backend
+
+    quant.check(cfg, problems)
+    check_backend(cfg.model, problems)
+    for key in ("gradient_checkpointing", "compile"):
+        if not isinstance(cfg.model.get(key, False), bool):
+            problems.append(f"model.{key}={cfg.model.get(key)!r}: expected true or false")
+    if cfg.optim.get("loraplus_lr_ratio") is not None:
+        _number(cfg, "optim.loraplus_lr_ratio", problems, low=1)
+    strategy = OmegaConf.select(cfg, "trainer.strategy")
+    if isinstance(strategy, str) and strategy.startswith("deepspeed") and not importlib.util.find_spec("deepspeed"):
+        problems.append(f"trainer.strategy={strategy} needs DeepSpeed: pip install deepspeed (CUDA GPUs)")
+
+
+# ------------------------------------------------------------------ robustness: ranges, paths, secrets, targets
+
+# `_target_`s may name only callables in these packages: a shared config file cannot make
+# `python -m lora_exp.train` import and run arbitrary code. Extend with $LORA_EXP_ALLOWED_TARGETS
+# (comma-separated prefixes) for your own callbacks or loggers.
+ALLOWED_TARGET_PREFIXES = (
+    "lora_exp.",
+    "lightning.pytorch.callbacks.",
+    "lightning.pytorch.loggers.",
+    "lightning.pytorch.strategies.",
+    "lightning.pytorch.plugins.",
+    "pytorch_lightning.callbacks.",
+    "pytorch_lightning.loggers.",
+    "torch.optim.",
+    "transformers.optimization.",
+    "transformers.get_",  # schedule factories re-exported at the top level
+    "bitsandbytes.optim.",
+    "peft.",
+)
+_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "passwd", "credential")
+_SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token", "sep_token", "cls_token", "mask_token")
+
+
+def is_secret_key(key: str) -> bool:
+    """True for config keys that would hold a credential (``api_key``, ``hf_token``, ``password``...).
+
+    Token counts, token ids, special tokens and tokenizer settings are not credentials.
+    """
+    k = str(key).lower()
+    if k.endswith("_id") or "tokens" in k or "tokenizer" in k or k.startswith("token_") or k in _SPECIAL_TOKENS:
+        return False
+    return any(w in k for w in _SECRET_WORDS)
+
+
+def allowed_target(target: str) -> bool:
+    import os
+
+    extra = tuple(p.strip() for p in os.environ.get("LORA_EXP_ALLOWED_TARGETS", "").split(",") if p.strip())
+    return str(target).startswith(ALLOWED_TARGET_PREFIXES + extra)
+
+
+def _walk(node, path: str = ""):
+    """(dotted key, value) of every leaf and node in a config, without resolving interpolations."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        for key in node.keys():
+            child = node._get_node(key)
+            sub = f"{path}.{key}" if path else str(key)
+            value = child._value() if not isinstance(child, (DictConfig, ListConfig)) else child
+            yield sub, value
+            if isinstance(child, (DictConfig, ListConfig)) and not OmegaConf.is_missing(node, key):
+                yield from _walk(child, sub)
+    elif isinstance(node, ListConfig):
+        for i, child in enumerate(node._iter_ex(resolve=False) if hasattr(node, "_iter_ex") else node):
+            sub = f"{path}[{i}]"
+            yield sub, child
+            if isinstance(child, (DictConfig, ListConfig)):
+                yield from _walk(child, sub)
+
+
+def check_targets_and_secrets(cfg, problems: list[str]) -> None:
+    """``_target_`` values outside the allow-list; secret-looking keys or secret values in the config.
+
+    Secrets belong in the environment (``WANDB_API_KEY``, ``HF_TOKEN``) or ``wandb login``; a config
+    is saved in the run directory and sent to W&B. The message never repeats the secret.
+    """
+    import os
+
+    from lora_exp.rundir import SECRET_ENV
+
+    secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k) or "") >= 8]
+    for key, value in _walk(cfg):
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf == "_target_" and isinstance(value, str) and not allowed_target(value):
+            problems.append(
+                f"{key}={value}: not an allowed target; allowed: {', '.join(ALLOWED_TARGET_PREFIXES)}* "
+                f"(add prefixes with LORA_EXP_ALLOWED_TARGETS)"
+            )
+        if isinstance(value, str) and value:
+            if is_secret_key(leaf) and not value.startswith("${oc.env:"):
+                problems.append(f"{key}: looks like a secret; set it in the environment (WANDB_API_KEY, HF_TOKEN)")
+            elif any(s in value for s in secrets):
+                problems.append(f"{key}: holds the value of a secret environment variable; remove it from the config")
+
+
+def check_run_keys(cfg, problems: list[str]) -> None:
+    """Trainer, checkpoint, resume and path keys users type."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.select(cfg, "checkpoint.every_n_steps") is not None:
+        _number(cfg, "checkpoint.every_n_steps", problems, low=1, integer=True)
+    if not isinstance(cfg.get("resume", False), bool):
+        problems.append(f"resume={cfg.get('resume')!r}: expected true or false")
+    for key, low in (("trainer.max_steps", -1), ("trainer.accumulate_grad_batches", 1), ("trainer.devices", 1)):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (key == "trainer.devices" and isinstance(value, (str, list))):
+            _number(cfg, key, problems, low=low, integer=True)
+    if OmegaConf.select(cfg, "trainer.max_epochs") is not None:
+        _number(cfg, "trainer.max_epochs", problems, low=-1, integer=True)
+    if OmegaConf.select(cfg, "data.eval_batch_size") is not None:
+        _number(cfg, "data.eval_batch_size", problems, low=1, integer=True)
+    if OmegaConf.select(cfg, "optim.warmup_ratio") is not None:
+        _number(cfg, "optim.warmup_ratio", problems, low=0, high=1)
+    if OmegaConf.select(cfg, "optim.warmup_steps") is not None:
+        _number(cfg, "optim.warmup_steps", problems, low=0, integer=True)
+    precision = OmegaConf.select(cfg, "trainer.precision")
+    known = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true", "transformer-engine")
+    if precision is not None and str(precision) not in known:
+        problems.append(f"trainer.precision={precision!r}: expected one of {list(known)}")
+    for key in ("data.train_path", "data.val_path"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, str) and value and "://" not in value and not Path(value).expanduser().exists():
+            problems.append(f"{key}={value}: no such file")

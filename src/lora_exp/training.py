@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -13,8 +14,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_exp import metrics as M
 from lora_exp.config import validate
+from lora_exp.distributed import is_global_zero
 from lora_exp.errors import UserError
-from lora_exp.rundir import ADAPTER_DIR, read_metrics, write_metrics
+from lora_exp.errors import RunDirError
+from lora_exp.rundir import (
+    ADAPTER_DIR,
+    CHECKPOINT_DIR,
+    INITIAL_ADAPTER_DIR,
+    METRICS_FILE,
+    PID,
+    RUN_FILE,
+    hydra_overrides,
+    read_metrics,
+    run_status,
+    watch_for_kill,
+    write_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +100,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """
     validate(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    previous = _previous_record(cfg, run_dir)
+    if previous.get(M.STATUS) == M.STATUS_COMPLETED:  # a resumed sweep skips its finished points
+        print(f"lora_exp.train: {run_dir} already completed; resume=true has nothing to do", flush=True)
+        return previous
     run_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {}
-    write_metrics(run_dir, M.STATUS_RUNNING, record)
+    # in a multi-process run, ranks > 0 train alongside and leave the run's records to rank 0
+    write = write_metrics if is_global_zero() else (lambda _dir, status, values: {**values, M.STATUS: status})
+    write(run_dir, M.STATUS_RUNNING, record)
+    # marks the run interrupted if this process is killed outright (kill -9, out-of-memory killer)
+    watcher = watch_for_kill(run_dir) if is_global_zero() else None
     try:
-        _train(cfg, run_dir, record)
+        _train(cfg, run_dir, record, previous, write)
+        return write(run_dir, M.STATUS_COMPLETED, record)
     except KeyboardInterrupt:
-        write_metrics(run_dir, M.STATUS_INTERRUPTED, record)
+        write(run_dir, M.STATUS_INTERRUPTED, record)
         raise
     except BaseException as e:
-        write_metrics(run_dir, M.STATUS_FAILED, {**record, M.ERROR: f"{type(e).__name__}: {e}"})
+        write(run_dir, M.STATUS_FAILED, {**record, M.ERROR: f"{type(e).__name__}: {e}"})
         from lora_exp.loggers import finish_wandb
 
         finish_wandb(exit_code=1)  # the W&B run shows as failed
@@ -103,19 +127,56 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from lora_exp.loggers import finish_wandb
 
         finish_wandb()
-    return write_metrics(run_dir, M.STATUS_COMPLETED, record)
+        if watcher is not None:  # only now, with the final status on disk
+            watcher.stdin.close()
+            watcher.wait()
 
 
-def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
+def _previous_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """With ``resume=true``: the run directory's last record, its status as ``run_status`` reads it.
+
+    Refuses to resume a run started with other overrides: its checkpoint would silently continue
+    another experiment.
+    """
+    if not cfg.get("resume") or not (run_dir / METRICS_FILE).is_file():
+        return {}
+    record = {**read_metrics(run_dir), M.STATUS: run_status(run_dir)}
+    if record[M.STATUS] == M.STATUS_RUNNING:
+        raise RunDirError(f"{run_dir} is still being trained by process {record.get(PID)}; not resuming it")
+    recorded = _recorded_overrides(run_dir)
+    now = _comparable_overrides(hydra_overrides()["task"])
+    if recorded is not None and recorded != now:
+        raise RunDirError(
+            f"resume=true in {run_dir}, but the overrides differ from the run's: "
+            f"run.json has {recorded}, this command {now}"
+        )
+    return record
+
+
+def _recorded_overrides(run_dir: Path) -> list[str] | None:
+    import json
+
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    return _comparable_overrides(json.loads(path.read_text()).get("overrides") or [])
+
+
+def _comparable_overrides(overrides: list[str]) -> list[str]:
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume")
+
+
+def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dict[str, Any], write) -> None:
     import hydra
     import lightning as L
 
-    from lora_exp import lora
+    from lora_exp import distributed, lora
     from lora_exp.callbacks import Throughput
     from lora_exp.data.datamodule import InstructionDataModule
     from lora_exp.loggers import HistoryLogger, wandb_loggers, wandb_record
-    from lora_exp.models import load_base_model, load_tokenizer, resolve_model_folder
+    from lora_exp.models import compile_layers, load_base_model, load_tokenizer, load_unsloth, resolve_model_folder
     from lora_exp.module import LoraModule
+    from lora_exp import resume, rundir
 
     started = time.perf_counter()
     _quiet_lightning()
@@ -123,11 +184,25 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
     tokenizer = load_tokenizer(folder)
     datamodule = InstructionDataModule(cfg.data, tokenizer, cfg.seed)
     datamodule.setup("fit")  # data problems surface before the weights are loaded
-    base = load_base_model(cfg.model, folder)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # right before wrapping: LoRA init is seeded
-    model = lora.wrap(base, cfg.lora)
+    if cfg.model.get("backend", "hf") == "unsloth":
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        model = load_unsloth(cfg, folder)
+    else:
+        base = load_base_model(cfg.model, folder, cfg.get("quant"), fsdp=distributed.is_fsdp(cfg.trainer))
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # right before wrapping: LoRA init is seeded
+        model = lora.wrap(base, cfg.lora)
+    initial_adapter = run_dir / INITIAL_ADAPTER_DIR if lora.mutates_base(cfg.lora) else None
+    if initial_adapter and is_global_zero():  # PiSSA / OLoRA: the reference for the final conversion
+        lora.save_initial_adapter(model, initial_adapter)
+    if cfg.model.get("compile"):
+        compile_layers(model)
     model.train()  # from_pretrained leaves the model in eval mode, which would switch LoRA dropout off
     trainable, total = lora.param_counts(model)
+    fingerprints = {
+        "data_fingerprint": rundir.data_fingerprint(datamodule),
+        "model_fingerprint": rundir.model_fingerprint(folder, cfg.model),
+        "initial_adapter_sha256": rundir.state_hash((n, p) for n, p in model.named_parameters() if p.requires_grad),
+    }
     record.update(
         {
             M.TRAINABLE_PARAMS: trainable,
@@ -138,20 +213,30 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
         }
     )
 
+    ckpt_path = resume.latest_checkpoint(run_dir / CHECKPOINT_DIR) if previous else None
+    if cfg.get("resume"):
+        log.info("resuming from %s", ckpt_path) if ckpt_path else log.info("resume=true: no checkpoint, starting anew")
+    if is_global_zero():
+        rundir.write_run_json(run_dir, cfg, fingerprints)
+
     module = LoraModule(model, cfg.optim, cfg.loss.chunk_size, cfg.loss.get("impl", "chunked"))
     throughput = Throughput()
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [throughput]
-    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    history = HistoryLogger(run_dir)  # always: reports draw curves and best values from it
+    # exact resume (RNG, data position), and a stop before a NaN/inf loss reaches the adapter
+    callbacks += [resume.RngState(), resume.RestoreDataPosition(), resume.StopOnNonFiniteLoss()]
+    loggers = [_instantiate_logger(c, previous) for c in (cfg.get("logger") or {}).values()]
+    history = HistoryLogger(run_dir, append=bool(previous))  # always: reports draw curves and best values from it
     loggers.append(history)
     samples = _sample_generations(loggers, tokenizer, datamodule)
     callbacks += [samples] if samples else []
     record.update(wandb_record(loggers))
+    distributed.children_share_run_dir()
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **distributed.trainer_kwargs(cfg.trainer),
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),
+        plugins=[resume.AtomicCheckpointIO()],  # a kill during a save never corrupts the latest checkpoint
     )
     hparams = OmegaConf.to_container(cfg, resolve=True)
     hparams["derived"] = {
@@ -161,27 +246,74 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> None:
         logger.log_hyperparams(hparams)
 
     evaluate = trainer.limit_val_batches != 0
-    if evaluate:
+    if ckpt_path:  # the base model was measured before the interruption
+        record.update({k: v for k, v in previous.items() if k.startswith(M.BASE_PREFIX)})
+    elif evaluate:
         module.metric_prefix = M.BASE_PREFIX
         trainer.validate(module, datamodule=datamodule, verbose=False)
         record.update(module.last_val)
         module.metric_prefix = ""
-    trainer.fit(module, datamodule=datamodule)
+    write(run_dir, M.STATUS_RUNNING, record)  # base metrics and the W&B run id survive a kill
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except resume.NonFiniteLossError:
+        record[M.STOP_REASON] = M.STOP_NON_FINITE_LOSS
+        if trainer.is_global_zero:
+            _export_last_good_adapter(module, run_dir, initial_adapter)
+        raise
     if evaluate and module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     if evaluate:
         record.update(module.last_val)
-    record.update(throughput.totals())
+    record.update(distributed.sum_throughput(trainer, throughput.totals()))
+    record[M.WORLD_SIZE] = trainer.world_size
     record.update(history.best())
     if history.last(M.TRAIN_LOSS) is not None:
         record[M.TRAIN_LOSS] = history.last(M.TRAIN_LOSS)
     record[M.STEPS] = trainer.global_step
-    model.save_pretrained(run_dir / ADAPTER_DIR)
+    # FSDP holds shards: gather the full state on every rank (a collective), save it from rank 0
+    state = _unprefixed(trainer.strategy.lightning_module_state_dict()) if distributed.is_fsdp(cfg.trainer) else None
+    if not trainer.is_global_zero:
+        return
+    lora.save_adapter(model, run_dir / ADAPTER_DIR, initial_adapter, state)
+    if initial_adapter:
+        shutil.rmtree(initial_adapter, ignore_errors=True)
+    rundir.update_run_json(run_dir, adapter_sha256=rundir.adapter_hash(run_dir))
     record["time/total_s"] = round(time.perf_counter() - started, 1)
     for wandb_logger in wandb_loggers(loggers):
         rows = samples.rows if samples else None
         wandb_logger.log_run_end({**record, M.STATUS: M.STATUS_COMPLETED}, run_dir / ADAPTER_DIR, rows)
     print(summary(record, lora.trainable_params_line(model), run_dir / ADAPTER_DIR), flush=True)
+
+
+def _instantiate_logger(logger_cfg, previous: dict[str, Any]):
+    """Instantiate a logger; a W&B logger continues the W&B run of the run being resumed."""
+    import hydra
+
+    if "wandb" in str(logger_cfg.get("_target_", "")).lower() and previous.get(M.WANDB_RUN_ID):
+        return hydra.utils.instantiate(logger_cfg, run_id=previous[M.WANDB_RUN_ID])
+    return hydra.utils.instantiate(logger_cfg)
+
+
+def _export_last_good_adapter(module, run_dir: Path, initial_adapter: Path | None) -> None:
+    """After a non-finite loss: save the adapter of the newest checkpoint, reached with finite losses only."""
+    import torch
+
+    from lora_exp import lora
+    from lora_exp.resume import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / CHECKPOINT_DIR)
+    if ckpt is None:
+        log.warning("no checkpoint before the non-finite loss: no adapter saved")
+        return
+    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
+    lora.save_adapter(module.model, run_dir / ADAPTER_DIR, initial_adapter)
+    log.warning("saved the adapter of the last good checkpoint (%s) to %s", ckpt.name, run_dir / ADAPTER_DIR)
+
+
+def _unprefixed(state_dict: dict) -> dict:
+    """The LightningModule's state dict keyed as the PEFT model's own (without ``model.``)."""
+    return {k.removeprefix("model."): v for k, v in state_dict.items()}
 
 
 def _sample_generations(loggers: list, tokenizer, datamodule):
