@@ -118,7 +118,11 @@ class RestoreDataPosition(L.Callback):
             return
         loaders = trainer.train_dataloader
         loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
-        loaders = [lo for lo in (loaders if isinstance(loaders, (list, tuple)) else [loaders]) if hasattr(lo, "load_state_dict")]
+        loaders = [
+            lo
+            for lo in (loaders if isinstance(loaders, (list, tuple)) else [loaders])
+            if hasattr(lo, "load_state_dict")
+        ]
         for loader, state in zip(loaders, states):
             loader.load_state_dict(state)
 
@@ -132,7 +136,11 @@ def resumable(loader: DataLoader) -> DataLoader:
     """
     if isinstance(loader, ResumableLoader) or loader.batch_sampler is None:
         return loader
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         return loader
     return ResumableLoader(
         loader.dataset,
