@@ -211,3 +211,70 @@ def check_run_keys(cfg, problems: list[str]) -> None:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, str) and value and "://" not in value and not Path(value).expanduser().exists():
             problems.append(f"{key}={value}: no such file")
+
+
+_CONFIG_FLAGS = ("--config-path", "-cp", "--config-dir", "-cd", "--config-name", "-cn")
+
+
+def override_problems(args: list[str], config_name: str = "train") -> list[str]:
+    """Unknown group options (``model=foo``) and unknown keys (``lora.rr=3``) among command-line overrides.
+
+    Hydra stops at the first of these with a long message and exit status 1; this lists them all,
+    with the options that do exist. Overrides it cannot judge (``+key``, ``~key``, ``hydra.*``,
+    another config via ``--config-path``) are left to Hydra.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if any(a.split("=", 1)[0] in _CONFIG_FLAGS for a in args):
+        return []
+    overrides = [a for a in args if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return []  # a syntax error: Hydra's own message points at it
+    conf = Path(config_dir())
+    problems, groups, keys = [], [], []
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_add() or o.is_delete() or o.is_force_add() or key.split(".")[0].split("/")[0] == "hydra":
+            continue
+        if (conf / key).is_dir():
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+            options = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+            bad = [v for v in values if v not in (None, "null") and str(v) not in options]
+            if bad:
+                problems.append(f"{key}={','.join(map(str, bad))}: no such option; {key} options are {options}")
+            else:
+                groups.append(o.input_line)
+        else:
+            keys.append(key)
+    if keys:
+        try:
+            from hydra import compose, initialize_config_dir
+            from omegaconf import OmegaConf
+
+            with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+                cfg = compose(config_name, overrides=[g for g in groups if "," not in g])
+            for key in keys:
+                parent, _, leaf = key.rpartition(".")
+                node = OmegaConf.select(cfg, parent) if parent else cfg
+                if node is None or not OmegaConf.is_dict(node) or leaf not in node:
+                    near = sorted(node.keys()) if OmegaConf.is_dict(node) else []
+                    hint = f"; keys under {parent or 'the top level'} are {near}" if near else ""
+                    problems.append(f"{key}: no such config key{hint} (use +{key}=... to add a new one)")
+        except Exception:
+            pass  # composition itself failed: Hydra reports why
+    return problems
+
+
+def exit_on_bad_overrides(args: list[str]) -> None:
+    """Print every unknown option or key on the command line as one error and exit with status 2."""
+    import os
+    import sys
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    problems = override_problems(args)
+    if problems:
+        print(f"lora_exp.train: error: {ConfigError(problems)}", file=sys.stderr, flush=True)
+        sys.exit(2)

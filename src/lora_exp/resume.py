@@ -294,11 +294,16 @@ class StopOnNonFiniteLoss(L.Callback):
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
         if not torch.isfinite(loss.detach()).all():
             value = loss.detach().float().item()
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            precision = (
+                ""
+                if str(trainer.precision) == "32-true"
+                else ", or train in full precision (trainer.precision=32-true)"
+            )
             raise NonFiniteLossError(
-                f"non-finite training loss ({value}) at step {trainer.global_step}: training stopped; "
-                f"the adapter and checkpoints hold the last good state. Lower optim.lr (now "
-                f"{trainer.optimizers[0].param_groups[0]['lr']:.3g} at this step), keep trainer.gradient_clip_val, "
-                f"or use trainer.precision=32-true."
+                f"non-finite training loss ({value}) at step {trainer.global_step}: training stopped before this "
+                f"step changed the adapter; adapter/ holds the newest checkpoint reached with finite losses. "
+                f"Lower optim.lr (it was {lr:.3g} at this step){precision}."
             )
 
 

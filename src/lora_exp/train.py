@@ -20,4 +20,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from lora_exp.config import exit_on_bad_overrides
+
+    exit_on_bad_overrides(sys.argv[1:])  # all unknown options and keys at once, exit status 2
     main()

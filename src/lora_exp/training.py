@@ -15,8 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_exp import metrics as M
 from lora_exp.config import validate
 from lora_exp.distributed import is_global_zero
-from lora_exp.errors import UserError
-from lora_exp.errors import RunDirError
+from lora_exp.errors import RunDirError, UserError
 from lora_exp.rundir import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
@@ -170,13 +169,12 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dic
     import hydra
     import lightning as L
 
-    from lora_exp import distributed, lora
+    from lora_exp import distributed, lora, resume, rundir
     from lora_exp.callbacks import Throughput
     from lora_exp.data.datamodule import InstructionDataModule
     from lora_exp.loggers import HistoryLogger, wandb_loggers, wandb_record
     from lora_exp.models import compile_layers, load_base_model, load_tokenizer, load_unsloth, resolve_model_folder
     from lora_exp.module import LoraModule
-    from lora_exp import resume, rundir
 
     started = time.perf_counter()
     _quiet_lightning()
@@ -306,7 +304,11 @@ def _export_last_good_adapter(module, run_dir: Path, initial_adapter: Path | Non
     if ckpt is None:
         log.warning("no checkpoint before the non-finite loss: no adapter saved")
         return
-    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], strict=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    if not all(torch.isfinite(t).all() for t in state.values()):
+        log.warning("the newest checkpoint already holds non-finite weights: no adapter saved")
+        return
+    module.load_state_dict(state, strict=False)
     lora.save_adapter(module.model, run_dir / ADAPTER_DIR, initial_adapter)
     log.warning("saved the adapter of the last good checkpoint (%s) to %s", ckpt.name, run_dir / ADAPTER_DIR)
 
