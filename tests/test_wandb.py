@@ -12,7 +12,7 @@ def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # "logged in" ...
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # ... to a server nobody answers for
     try:
-        logger = wandb_logger(str(tmp_path), "lora-exp-test", init_timeout_s=3)
+        logger = wandb_logger(str(tmp_path), "lora-exp-test", init_timeout_s=1)
         assert logger.experiment.offline
         logger.experiment.log({"train/loss": 1.0})
     finally:
