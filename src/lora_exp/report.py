@@ -642,7 +642,7 @@ def create_wandb_report(entity: str, project: str, group: str, metric: str) -> s
         import wandb_workspaces.reports.v2 as wr
     except ImportError:
         return "W&B Report: skipped (pip install wandb-workspaces, or lora-exp[sweeps])"
-    runset = wr.Runset(entity=entity, project=project, name=group, filters=f"Metric('group') == '{group}'")
+    runset = wr.Runset(entity=entity, project=project, name=group, filters=f"Metric('Group') == '{group}'")
     report = wr.Report(
         entity=entity,
         project=project,
