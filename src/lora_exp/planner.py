@@ -159,12 +159,23 @@ def architecture(model_cfg) -> dict[str, Any]:
     )
 
 
+_META_CACHE: dict[str, tuple[Any, Any]] = {}
+
+
 def build_meta_model(cfg):
     """The PEFT-wrapped model of ``cfg`` on the meta device: exact shapes and dtypes, no storage.
 
     PiSSA / OLoRA initialise from the base weights, which do not exist here; the adapter's
-    shapes do not depend on the init, so it is built with PEFT's default init.
+    shapes do not depend on the init, so it is built with PEFT's default init. Sweep points that
+    share model and LoRA settings share one meta model (it holds no storage and is not modified).
     """
+    key = json.dumps([_plain(cfg.model), _plain(cfg.lora)], sort_keys=True, default=str)
+    if key not in _META_CACHE:
+        _META_CACHE[key] = _build_meta_model(cfg)
+    return _META_CACHE[key]
+
+
+def _build_meta_model(cfg):
     import torch
     from accelerate import init_empty_weights
     from omegaconf import OmegaConf
@@ -572,13 +583,16 @@ def plan_targets(cfg) -> list[str]:
 def format_table(plans: list[Plan]) -> str:
     """One row per sweep point; points that do not fit are flagged."""
     header = ["#", "point", "trainable", "all params", "adapter MiB", "tokens/step", "peak GiB", "fits"]
+    # overrides shared by every point say nothing about the difference between rows
+    common = set.intersection(*(set(p.label.split()) for p in plans)) if plans else set()
     rows = []
     for i, p in enumerate(plans):
+        label = " ".join(o for o in p.label.split() if o not in common)
         fits = "-" if p.fits is None else ("yes" if p.fits else f"NO (> {p.gpu_mem_gb:g} GiB)")
         rows.append(
             [
                 str(i),
-                p.label or "(defaults)",
+                label or "(defaults)",
                 f"{p.trainable:,}",
                 f"{p.total:,}",
                 f"{p.adapter_file_bytes / MIB:.2f}",
@@ -593,4 +607,5 @@ def format_table(plans: list[Plan]) -> str:
     def fmt(r: list[str]) -> str:
         return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
 
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    lines = [f"all points: {' '.join(sorted(common))}"] if common else []
+    return "\n".join([*lines, fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
