@@ -135,10 +135,27 @@ def wandb_logger(
     return logger
 
 
+def _server_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the W&B server cannot be reached (refused, no route, no DNS), or None; seconds, not wandb's minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    host, port = url.hostname or "api.wandb.ai", url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or type(e).__name__}"
+    return None
+
+
 def _init_run(mode: str, timeout_s: float, **kwargs):
     """``wandb.init``; an online run that cannot reach the server falls back to offline."""
     import wandb
 
+    if mode == "online" and (problem := _server_unreachable()):
+        log.warning("W&B server unreachable (%s); logging offline instead", problem)
+        mode = "offline"
     if mode == "online":
         try:
             resume = {"resume": "allow"} if kwargs.get("id") else {}
