@@ -1,0 +1,152 @@
+"""Resume after SIGKILL, also mid checkpoint write: the final adapter equals an uninterrupted run's, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import OFFLINE_ENV, train_cli
+
+# fp32, 2.5 epochs of 4 batches, a checkpoint every 3 steps: kills land mid-epoch, in epoch 1
+RUN = (
+    "model=tiny_llama",
+    "logger=none",
+    "trainer.precision=32-true",
+    "data.num_train=32",
+    "data.num_val=8",
+    "data.batch_size=8",
+    "trainer.max_steps=10",
+    "trainer.max_epochs=3",
+    "checkpoint.every_n_steps=3",
+    "optim.warmup_steps=1",
+    "trainer.enable_progress_bar=false",
+)
+
+# Runs the real CLI in a subprocess that SIGKILLs itself at a chosen moment: after a given step,
+# or halfway through writing the n-th checkpoint file.
+KILLER = r"""
+import os, signal, sys
+import torch
+from lora_exp import callbacks, resume
+
+kill_after_step = int(os.environ.get("KILL_AFTER_STEP", "-1"))
+kill_in_save = int(os.environ.get("KILL_IN_SAVE", "-1"))
+
+end = callbacks.Throughput.on_train_batch_end
+def on_train_batch_end(self, trainer, *args, **kwargs):
+    end(self, trainer, *args, **kwargs)
+    if trainer.global_step == kill_after_step:
+        os.kill(os.getpid(), signal.SIGKILL)
+callbacks.Throughput.on_train_batch_end = on_train_batch_end
+
+saves = 0
+real_save = torch.save
+def half_save(obj, f, *args, **kwargs):
+    global saves
+    saves += 1
+    if saves != kill_in_save:
+        return real_save(obj, f, *args, **kwargs)
+    import io
+    buf = io.BytesIO()
+    real_save(obj, buf, *args, **kwargs)
+    f.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = half_save
+
+from lora_exp.train import main
+sys.argv = ["lora_exp/train.py", *sys.argv[1:]]
+main()
+"""
+
+
+def run_killed(tmp_path: Path, run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    return subprocess.run(
+        [sys.executable, str(script), *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE_ENV, **env},
+        timeout=600,
+    )
+
+
+def status_eventually(run_dir: Path, wanted: str, seconds: float = 20) -> str:
+    """metrics.json's status; the watcher process rewrites it a moment after the kill."""
+    deadline = time.time() + seconds
+    while True:
+        status = json.loads((run_dir / "metrics.json").read_text())["status"]
+        if status == wanted or time.time() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def results(run_dir: Path) -> dict:
+    from lora_exp.reproduce import comparable
+
+    record = json.loads((run_dir / "metrics.json").read_text())
+    return {k: v for k, v in record.items() if comparable(k, v)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
+    train_cli(run_dir, *RUN)
+    return run_dir
+
+
+def test_sigkill_during_checkpoint_write_and_mid_run_then_resume_is_bitwise_equal(uninterrupted, tmp_path):
+    from lora_exp.resume import latest_checkpoint
+
+    run_dir = tmp_path / "run"
+    # 1) killed halfway through writing step 6's checkpoint (the 3rd file; step 3 wrote
+    #    step000003.ckpt and last.ckpt): step 3's files stay intact and the latest
+    proc = run_killed(tmp_path, run_dir, *RUN, KILL_IN_SAVE="3")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert status_eventually(run_dir, "interrupted") == "interrupted"
+    assert list((run_dir / "checkpoints").glob(".*.tmp*")), "the cut write should have left only a temporary file"
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    import torch
+
+    assert torch.load(latest, weights_only=True)["global_step"] == 3
+    assert not (run_dir / "adapter").exists()
+
+    # 2) resumed from step 3, then killed outright after step 8 (mid-epoch 1, between checkpoints)
+    proc = run_killed(tmp_path, run_dir, *RUN, "resume=true", KILL_AFTER_STEP="8")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert status_eventually(run_dir, "interrupted") == "interrupted"
+    assert "resuming from" in proc.stderr + proc.stdout
+
+    # 3) resumed from step 6 to the end: same adapter bytes and metrics as never interrupted
+    train_cli(run_dir, *RUN, "resume=true")
+    assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
+    a = (uninterrupted / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == b
+    assert results(run_dir) == results(uninterrupted)
+    assert len(json.loads((run_dir / "run.json").read_text())["resumed"]) == 2
+
+
+def test_resume_of_a_completed_run_does_nothing(uninterrupted):
+    before = (uninterrupted / "metrics.json").read_text()
+    proc = train_cli(uninterrupted, *RUN, "resume=true")
+    assert "already completed" in proc.stdout
+    assert (uninterrupted / "metrics.json").read_text() == before
+
+
+def test_resume_with_other_overrides_is_refused(uninterrupted, tmp_path):
+    run_dir = tmp_path / "copy"
+    run_dir.mkdir()
+    for name in ("metrics.json", "run.json"):
+        (run_dir / name).write_text((uninterrupted / name).read_text().replace('"completed"', '"interrupted"'))
+    proc = train_cli(run_dir, *RUN, "lora.r=4", "resume=true", check=False)
+    assert proc.returncode == 2
+    assert "overrides differ" in proc.stderr and "Traceback" not in proc.stderr
