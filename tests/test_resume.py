@@ -1,4 +1,4 @@
-"""Resume after SIGKILL, also mid checkpoint write: the final adapter equals an uninterrupted run's, bit for bit."""
+"""One reference run: resumed after SIGKILL (also mid checkpoint write) it ends bit for bit the same; it reproduces."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import OFFLINE_ENV, train_cli
+from conftest import OFFLINE_ENV, run_cli, train_cli
 
 # fp32, 2.5 epochs of 4 batches, a checkpoint every 3 steps: kills land mid-epoch, in epoch 1
 RUN = (
     "model=tiny_llama",
+    "trainer.accelerator=cpu",  # bitwise equality is promised on CPU
     "logger=none",
     "trainer.precision=32-true",
     "data.num_train=32",
@@ -96,10 +97,14 @@ def results(run_dir: Path) -> dict:
     return {k: v for k, v in record.items() if comparable(k, v)}
 
 
+FAKE_KEY = "f" * 8 + "0123456789abcdef0123456789abcdef"  # a W&B key that must never be written anywhere
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
+    """The reference run: resumed runs must end like it, and ``reproduce`` must repeat it exactly."""
     run_dir = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    train_cli(run_dir, *RUN)
+    train_cli(run_dir, *RUN, env={"WANDB_API_KEY": FAKE_KEY, "HF_TOKEN": "hf_" + "x" * 30})
     return run_dir
 
 
@@ -150,3 +155,47 @@ def test_resume_with_other_overrides_is_refused(uninterrupted, tmp_path):
     proc = train_cli(run_dir, *RUN, "lora.r=4", "resume=true", check=False)
     assert proc.returncode == 2
     assert "overrides differ" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_run_json_fingerprints_the_run(uninterrupted):
+    from lora_exp.rundir import adapter_hash
+
+    run = json.loads((uninterrupted / "run.json").read_text())
+    assert run["command"][:3] == ["python", "-m", "lora_exp.train"] and run["seed"] == 0
+    assert set(run["overrides"]) == set(RUN)
+    assert run["git"]["commit"] and isinstance(run["git"]["dirty"], bool)
+    assert {"python", "torch", "transformers", "peft", "lightning", "hydra-core", "bitsandbytes", "wandb"} <= set(
+        run["packages"]
+    )
+    assert run["hardware"]["cpu_count"] >= 1 and isinstance(run["hardware"]["gpu_count"], int)
+    assert run["data_fingerprint"] and len(run["initial_adapter_sha256"]) == 64
+    assert run["model_fingerprint"]["files"]["model.safetensors"]
+    assert run["adapter_sha256"] == adapter_hash(uninterrupted)
+    freeze = (uninterrupted / "pip-freeze.txt").read_text()
+    assert "torch==" in freeze and "peft==" in freeze
+
+
+def test_secrets_never_reach_the_run_directory(uninterrupted):
+    for path in uninterrupted.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert FAKE_KEY.encode() not in data and b"hf_xxxxxxxx" not in data, path
+
+
+def test_reproduce_repeats_the_run_bit_for_bit(uninterrupted, tmp_path):
+    out = tmp_path / "again"
+    proc = run_cli("lora_exp.reproduce", str(uninterrupted), "--out", str(out), cwd=tmp_path)
+    assert "REPRODUCED" in proc.stdout and "adapter: identical" in proc.stdout
+    a = (uninterrupted / "adapter" / "adapter_model.safetensors").read_bytes()
+    b = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert a == b  # same config and seed on CPU: identical adapter bytes
+    report = json.loads((out / "reproduce.json").read_text())
+    assert report["matches"] and report["mismatched_metrics"] == []
+    # the smallest difference in a result counts on CPU
+    from lora_exp.reproduce import compare_metrics
+
+    record = json.loads((uninterrupted / "metrics.json").read_text())
+    record["val/loss"] += 1e-9
+
+    diffs = [k for k, _, _, ok in compare_metrics(record, json.loads((out / "metrics.json").read_text()), 0) if not ok]
+    assert diffs == ["val/loss"]

@@ -1,8 +1,9 @@
 """``python -m lora_exp.reproduce RUN_DIR``: re-run a finished run from its saved config and compare.
 
-The run is repeated from ``RUN_DIR/.hydra/config.yaml`` (the fully composed config, so later
-changes to ``conf/`` do not matter) into a new directory, ``RUN_DIR.reproduce-<time>`` unless
-``--out`` says otherwise. Then every recorded metric is compared, and the adapter weights.
+The run is repeated from the composed config it started with (``run.json``, else
+``RUN_DIR/.hydra/config.yaml``; later changes to ``conf/`` do not matter) into a new directory,
+``RUN_DIR.reproduce-<time>`` unless ``--out`` says otherwise. Then every recorded metric is
+compared, and the adapter weights.
 
 Exit status: 0 when everything matches (exactly on CPU; within ``--rtol``, default 1e-3, when the
 run used a GPU, whose kernels are not bitwise deterministic), 1 when something differs, 2 when
@@ -114,6 +115,12 @@ def reproduce(run_dir: Path, out: Path | None, rtol: float | None, extra: list[s
         raise RunDirError(f"--out {out} exists and is not empty")
 
     recorded = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).is_file() else {}
+    if recorded.get("config"):  # the config the run started with; .hydra/ is rewritten by a resume
+        from omegaconf import OmegaConf
+
+        saved = out / ".reproduce" / "config.yaml"
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        saved.write_text(OmegaConf.to_yaml(OmegaConf.create(recorded["config"])))
     for diff in environment_diff(recorded) if recorded else ["run.json missing: the environment cannot be checked"]:
         print(f"warning: environment differs from run.json: {diff}", file=sys.stderr)
 

@@ -379,12 +379,20 @@ def write_run_json(run_dir: Path, cfg, fingerprints: dict[str, Any]) -> dict[str
         "cwd": os.getcwd(),
         "started": now,
         "seed": cfg.get("seed"),
+        # the composed config, unresolved: what `reproduce` re-runs (a later resume rewrites .hydra/)
+        "config": _unresolved(cfg),
         **environment(),
         **fingerprints,
     }
     (run_dir / FREEZE_FILE).write_text(pip_freeze())
     write_json(path, data)
     return data
+
+
+def _unresolved(cfg) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
 
 
 def update_run_json(run_dir: Path, **values: Any) -> None:
