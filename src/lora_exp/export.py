@@ -111,9 +111,23 @@ def export(cfg: DictConfig) -> dict[str, Any]:
 
 
 def dequantized(base):
-    """The 4/8-bit base as plain float32 weights: exactly the values the quantized model computed with."""
+    """The 4/8-bit base as plain float32 weights: the values the quantized model computed with.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks 4-bit weights into a CPU kernel layout at
+    the first inference forward, and ``dequantize`` then reads that layout as if it were the
+    standard one, returning garbage weights; the packing is undone first.
+    """
     import torch
 
+    for module in base.modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            if getattr(module, "quant_state", None) is not None:
+                module.quant_state = weight.quant_state
     base = base.dequantize()
     return base.to(torch.float32)
 

@@ -128,7 +128,10 @@ def quant_name(cfg: DictConfig) -> str | None:
 
 
 def load_base(run: Run, folder: str, dtype: str | None = None):
-    """Load the frozen base as training did (``model.dtype``, the run's ``quant``), in eval mode.
+    """Load the frozen base as training did, in eval mode.
+
+    ``model.dtype`` and the run's ``quant`` (with PEFT's k-bit preparation) apply, so the numbers
+    match the run's own.
 
     Args:
         run: the run whose config says how the base was loaded.
@@ -140,37 +143,13 @@ def load_base(run: Run, folder: str, dtype: str | None = None):
     from lora_exp import models
 
     hf_logging.disable_progress_bar()  # a bar per weight load is noise next to streamed text and tables
-    model_cfg = run.cfg.model
+    # activation checkpointing only slows inference down
+    model_cfg = OmegaConf.merge(run.cfg.model, {"gradient_checkpointing": False})
     if dtype is not None:
-        model_cfg = OmegaConf.merge(model_cfg, {"dtype": dtype})
-    if quant_name(run.cfg) is None:
-        base = models.load_base_model(model_cfg, folder)
-    else:
-        base = load_quantized_base(run, model_cfg, folder)
+        model_cfg.dtype = dtype
+    base = models.load_base_model(model_cfg, folder, run.cfg.get("quant"))
     base.eval()
     return base
-
-
-def load_quantized_base(run: Run, model_cfg: DictConfig, folder: str):
-    """The base in 4 or 8 bits through bitsandbytes, with the run's ``quant.bnb`` settings.
-
-    Norms and other unquantized weights are cast to fp32 as PEFT's k-bit preparation did in
-    training, so the numbers match the run's.
-    """
-    from transformers import AutoModelForCausalLM
-
-    from lora_exp import quant
-    from lora_exp.models import torch_dtype
-
-    base = AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=torch_dtype(model_cfg.dtype),
-        attn_implementation=model_cfg.get("attn_implementation") or "sdpa",
-        quantization_config=quant.bnb_config(run.cfg.quant),
-        device_map=quant.device_map(),
-    )
-    base.config.use_cache = False
-    return quant.prepare(base, gradient_checkpointing=False)
 
 
 def attach_adapters(base, runs: Sequence[Run]):
