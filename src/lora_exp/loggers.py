@@ -59,12 +59,35 @@ def sweep_context() -> dict[str, Any] | None:
     for item in hc.overrides.task:
         key, _, value = item.partition("=")
         overrides[key.lstrip("+~")] = value
+    swept = _swept_keys(hc)
     return {
         "group": f"{sweep_dir.parent.name}-{sweep_dir.name}",
         "dir": str(sweep_dir),
         "job_num": hc.job.num,
         "overrides": overrides,
+        # the values this job's point takes on the swept keys (all overrides when those are unknown)
+        "swept": {k: v for k, v in overrides.items() if k in swept} or overrides,
     }
+
+
+def _swept_keys(hc) -> set[str]:
+    """Keys the sweep varies: sweep-syntax overrides (``lora.r=4,8``) and ``hydra.sweeper.params``.
+
+    A job only sees its own expanded overrides; the sweep's raw ones are in ``<sweep dir>/multirun.yaml``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    keys: set[str] = set()
+    params = OmegaConf.select(hc, "sweeper.params", default=None)
+    if params:
+        keys |= {str(k) for k in params}
+    try:
+        raw = OmegaConf.load(Path(hc.sweep.dir) / "multirun.yaml").hydra.overrides.task
+        keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(list(raw)) if o.is_sweep_override()}
+    except Exception:  # no multirun.yaml (another launcher): the sweeper params are all we know
+        pass
+    return {k.lstrip("+~") for k in keys}
 
 
 def wandb_logger(
@@ -111,8 +134,8 @@ def wandb_logger(
     config: dict[str, Any] = {}
     if sweep:
         group = group or sweep["group"]
-        name = name or ",".join(f"{k}={v}" for k, v in sweep["overrides"].items()) or None
-        tags += [f"{k}={v}"[:WANDB_TAG_MAX] for k, v in sweep["overrides"].items()]
+        name = name or ",".join(f"{k}={v}" for k, v in sweep["swept"].items()) or None
+        tags += [f"{k}={v}"[:WANDB_TAG_MAX] for k, v in sweep["swept"].items()]
         config["sweep"] = sweep
     Path(save_dir).mkdir(parents=True, exist_ok=True)
     run = _init_run(
@@ -373,6 +396,7 @@ def generate_samples(
                 **batch,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
+                use_cache=True,  # training configs may switch the KV cache off (packing, checkpointing)
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
