@@ -42,12 +42,7 @@ def peft_config(lora_cfg):
 
     init = lora_cfg.get("init", "default")
     modules_to_save = lora_cfg.get("modules_to_save")
-    extra = {}
-    if modules_to_save and "ensure_weight_tying" in LoraConfig.__dataclass_fields__:
-        # tied embeddings (SmolLM2, Llama-3.2) stay tied: one trained copy shared by embed_tokens and lm_head
-        extra["ensure_weight_tying"] = True
     return LoraConfig(
-        **extra,
         task_type="CAUSAL_LM",
         r=int(lora_cfg.r),
         lora_alpha=float(lora_cfg.alpha),
