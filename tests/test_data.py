@@ -157,6 +157,14 @@ def test_a_template_that_doubles_bos_is_refused(llama_tok):
         Renderer(llama_tok, 1024, chat_template=double).encode({"messages": CONVERSATION})
 
 
+def test_a_template_without_end_of_turn_token_warns_that_the_model_will_not_stop(smol_tok, caplog):
+    bare = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+    with caplog.at_level("WARNING"):
+        row = Renderer(smol_tok, 1024, chat_template=bare).encode({"messages": CONVERSATION[1:3]})
+    assert "will not learn to stop" in caplog.text
+    assert smol_tok.decode([i for i, label in zip(row.input_ids, row.labels) if label != IGNORE_INDEX]) == " Paris.\n"
+
+
 def test_padding_is_never_supervised_and_eos_stays_supervised_when_pad_equals_eos(smol_tok):
     r = Renderer(smol_tok, 1024)
     rows = [r.encode({"messages": CONVERSATION[1:3]}), r.encode({"messages": CONVERSATION})]

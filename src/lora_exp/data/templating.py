@@ -222,7 +222,9 @@ class Renderer:
             found = upto.find(content, start) if content else -1
             content_end = found + len(content) if found >= 0 else start
             end = self._end_of_turn(upto, content_end)
-            spans.append((start, end))
+            # from the reply itself: a template whose generation prompt is empty would otherwise
+            # put the role header ("assistant: ") into the supervised part
+            spans.append((found if found >= 0 else start, end))
         return text, spans
 
     def _prefix(self, messages: list[dict]) -> str:
@@ -270,7 +272,7 @@ class Renderer:
         labels = [IGNORE_INDEX] * len(ids)
         token_spans = []
         for s, e in spans:
-            inside = [j for j, (a, _b) in enumerate(enc["offset_mapping"]) if s <= a < e]
+            inside = [j for j, (a, b) in enumerate(enc["offset_mapping"]) if a < e and b > s]  # overlaps the span
             if inside:
                 token_spans.append((inside[0], inside[-1] + 1))
         for j in range(len(ids)):
