@@ -46,6 +46,15 @@ LEVERS = {
     "lora_exp -bf16 base": ["model.dtype=float32"],
     "lora_exp -lean loss": ["loss.impl=full"],
 }
+NOTES = """
+How to read it: `lora_exp -X` rows are lora-exp with one lever turned off; the lever's share of the
+speed-up is lora-exp's throughput over that row's. Packed batches hold as many tokens as the padded
+contenders' average batch (`data.pack_tokens`), so the number of optimizer steps stays comparable.
+`metrics.json` of every lora-exp run also records `time/first_step_s` (process start to the end of
+the first training step) and `time/train_loop_s`. GPU: `python benchmarks/speed.py --gpu` (Llama-3.1-8B
+architecture with random weights, bf16 LoRA, seq 2048: tokens/s and MFU); on a machine without a
+CUDA GPU it says so and exits.
+"""
 DESCRIPTIONS = {
     "hf_fp32": "HF Trainer + PEFT, default precision (fp32), dynamic padding",
     "hf_bf16": "HF Trainer + PEFT, bf16=True, dynamic padding",
@@ -71,6 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed-length case")
     p.add_argument("--out", type=Path, default=None, help="work folder (default: outputs/speed/<time>)")
     p.add_argument("--write-readme", action="store_true", help="put the table into benchmarks/README.md")
+    p.add_argument("--reuse", action="store_true", help="keep contenders already finished in --out (same data)")
     p.add_argument("--model-path", default=None, help="an HF model folder instead of the default SmolLM2-135M")
     p.add_argument("--gpu-batch", type=int, default=2, help="GPU mode: sequences per step")
     p.add_argument("--gpu-steps", type=int, default=10, help="GPU mode: timed steps (after 3 warm-up steps)")
@@ -100,14 +110,18 @@ def run_process(cmd: list[str], log_path: Path, cwd: Path) -> dict:
     return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def run_worker(name: str, spec: dict, work: Path) -> dict:
+def run_worker(name: str, spec: dict, work: Path, reuse: bool = False) -> dict:
     folder = work / name.replace(" ", "_")
+    if reuse and (folder / "result.json").is_file() and (folder / "process.json").is_file():
+        done = json.loads((folder / "result.json").read_text())
+        return {**done, **json.loads((folder / "process.json").read_text()), "adapter": str(folder / "adapter")}
     folder.mkdir(parents=True, exist_ok=True)
     spec = {**spec, "out_dir": str(folder)}
     (folder / "spec.json").write_text(json.dumps(spec, indent=2))
     worker = HERE / "speed_workers.py"
     cmd = [sys.executable, str(worker), name, str(folder / "spec.json"), str(folder / "result.json")]
     proc = run_process(cmd, folder / "log.txt", folder)
+    (folder / "process.json").write_text(json.dumps(proc))
     return {**json.loads((folder / "result.json").read_text()), **proc, "adapter": str(folder / "adapter")}
 
 
@@ -116,7 +130,7 @@ def lora_exp_overrides(spec: dict, pack_tokens: int) -> list[str]:
     return [
         "data=jsonl",
         f"data.train_path={spec['train_path']}",
-        "data.val_size=0",
+        f"data.val_path={spec['eval_path']}",  # every training example is trained on; evaluation is off
         f"data.max_seq_len={spec['max_seq_len']}",
         f"data.batch_size={spec['batch_size']}",
         "data.packing=true",
@@ -171,7 +185,7 @@ def _train_losses(run_dir: Path) -> list[float]:
 
 
 # ---- one case (variable or fixed lengths) -------------------------------------------------------------
-def run_case(case: str, spec: dict, names: list[str], work: Path) -> dict[str, dict]:
+def run_case(case: str, spec: dict, names: list[str], work: Path, reuse: bool = False) -> dict[str, dict]:
     """Every contender on one training file, back to back; then the held-out loss of each adapter."""
     import math
 
@@ -186,7 +200,7 @@ def run_case(case: str, spec: dict, names: list[str], work: Path) -> dict[str, d
         if name.startswith("lora_exp"):
             results[name] = run_lora_exp(name, spec, LEVERS[name], pack_tokens, work / case)
         else:
-            results[name] = run_worker(name, spec, work / case)
+            results[name] = run_worker(name, spec, work / case, reuse)
         r = results[name]
         print(
             f"[speed] {case}: {name}: {r['tokens'] / r['loop_s']:.0f} tokens/s, {r['wall_s']:.0f} s, "
@@ -322,7 +336,7 @@ def cpu_main(args: argparse.Namespace) -> int:
             names = ["hf_bf16", "plain", "lora_exp"]
         if args.only:
             names = [n for n in names if n in args.only]
-        results = run_case(case, spec, names, work)
+        results = run_case(case, spec, names, work, args.reuse)
         all_results[case] = results
         title = (
             f"variable lengths: {len(lengths)} examples, {min(lengths)}-{max(lengths)} tokens (median "
@@ -362,6 +376,7 @@ def report(args, sections: list[str], variable: dict, seconds: float) -> str:
     if targets:
         lines += ["Targets (variable lengths, lora-exp vs HF Trainer bf16):", "", *targets, ""]
     lines.append("Contenders: " + "; ".join(f"`{k}` {v}" for k, v in DESCRIPTIONS.items()) + ".")
+    lines += ["", NOTES.strip()]
     return "\n".join(lines)
 
 
