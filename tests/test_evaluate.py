@@ -81,6 +81,57 @@ def test_switching_adapters_gives_each_adapter_its_own_logits(tiny_run: Path, ti
     assert not torch.allclose(switched["run"], base_logits)
 
 
+HARNESS_TASK = """task: json_records
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+"""
+
+
+def test_harness_scores_the_adapter_not_the_bare_base(tiny_run: Path, tmp_path: Path):
+    """A local lm-eval task scores base and adapter differently: the adapter is really applied."""
+    pytest.importorskip("lm_eval")
+    from omegaconf import OmegaConf
+
+    from lora_exp import inference
+    from lora_exp.data.tasks import generate
+    from lora_exp.evaluate import harness_scores
+    from lora_exp.models import load_tokenizer
+
+    _, val = generate("json_extract", 0, 4, 0)
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({"text": ex["messages"][1]["content"]}) + "\n" for ex in val))
+    (tmp_path / "json_records.yaml").write_text(HARNESS_TASK.format(data=data))
+    runs = inference.load_runs(str(tiny_run))
+    folder = inference.base_folder(runs[0])
+    model = inference.attach_adapters(inference.load_base(runs[0], folder), runs)
+    cfg = OmegaConf.create(
+        {
+            "base": True,
+            "harness": {
+                "tasks": ["json_records"],
+                "include_path": str(tmp_path),
+                "limit": None,
+                "num_fewshot": None,
+                "batch_size": 4,
+            },
+        }
+    )
+    rows = harness_scores(model, load_tokenizer(folder), runs, cfg)
+    key = "harness/json_records/bits_per_byte"
+    assert set(rows) == {"base", "run"} and rows["base"][key] > 0
+    assert rows["run"][key] != pytest.approx(rows["base"][key], rel=1e-6)
+
+
 def test_bad_run_dir_is_one_clear_error(tmp_path: Path):
     proc = run_cli("lora_exp.evaluate", f"run_dir={tmp_path / 'missing'}", cwd=tmp_path, check=False)
     assert proc.returncode == 2

@@ -19,6 +19,7 @@ from lora_exp.config import config_dir
 
 EVAL_FILE = "eval.json"
 BASE_ROW = "base"
+SKIP_HARNESS_KEYS = ("sample_len", "alias")  # lm-eval bookkeeping, not scores
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="evaluate")
@@ -181,8 +182,10 @@ def table(rows: dict[str, dict[str, float]], title: str) -> str:
 def harness_scores(model, tokenizer, runs, cfg: DictConfig) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness tasks with each adapter really applied (and the base with them off).
 
-    The harness gets the live ``PeftModel`` object, the active adapter switched between tasks,
-    so it cannot silently evaluate the bare base model instead.
+    The harness gets the live ``PeftModel`` object (not a model path it would reload without the
+    adapter) and the active adapter is switched in place between passes, so it cannot silently
+    score the bare base model instead. Task names or local task YAMLs (``harness.include_path``)
+    are lm-eval's.
     """
     from lora_exp.errors import UserError
 
@@ -200,14 +203,23 @@ def harness_scores(model, tokenizer, runs, cfg: DictConfig) -> dict[str, dict[st
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.harness.batch_size)
 
     def scores() -> dict[str, float]:
-        out = simple_evaluate(
-            model=lm, tasks=tasks, task_manager=manager, limit=cfg.harness.limit, num_fewshot=cfg.harness.num_fewshot
-        )
+        try:
+            out = simple_evaluate(
+                model=lm,
+                tasks=tasks,
+                task_manager=manager,
+                limit=cfg.harness.limit,
+                num_fewshot=cfg.harness.num_fewshot,
+            )
+        except KeyError as e:  # lm-eval's "not a registered task" error
+            raise UserError(f"harness.tasks={tasks}: {e.args[0] if e.args else e}") from None
         flat = {}
         for task, metrics in out["results"].items():
             for key, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key:
-                    flat[f"harness/{task}/{key.split(',')[0]}"] = float(value)
+                name = key.split(",")[0]
+                skip = name in SKIP_HARNESS_KEYS or name.endswith("_stderr")
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and not skip:
+                    flat[f"harness/{task}/{name}"] = float(value)
         return flat
 
     rows = {}
