@@ -41,13 +41,29 @@ def test_several_adapters_reproduce_their_own_val_loss(tiny_run: Path, tiny_run_
     assert not list(tmp_path.iterdir())  # nothing written to the working directory
 
 
-def test_data_overrides_and_out(tiny_run: Path, tmp_path: Path):
-    """data.* overrides apply on top of the run's data config; out= gets the whole table."""
+def test_data_overrides_apply_on_top_of_the_run_data(tiny_run: Path, tmp_path: Path):
     out = tmp_path / "table.json"
-    run_cli("lora_exp.evaluate", f"run_dir={tiny_run}", "data.num_val=5", "base=false", f"out={out}", cwd=tmp_path)
+    proc = run_cli(
+        "lora_exp.evaluate", f"run_dir={tiny_run}", "data.num_val=5", "base=false", f"out={out}", cwd=tmp_path
+    )
     table = json.loads(out.read_text())
-    assert table["examples"] == 5 and table["data"]["num_val"] == 5
-    assert list(table["rows"]) == ["run"] and M.VAL_LOSS in table["rows"]["run"]
+    assert table["examples"] == 5 and table["data"]["num_val"] == 5 and list(table["rows"]) == ["run"]
+    assert "recorded in metrics.json" not in proc.stdout  # other data: nothing to compare with
+
+
+def test_data_file_holding_the_run_val_split_gives_its_val_loss(tiny_run: Path, tmp_path: Path):
+    """data_file=FILE renders a local file like training did; out= gets the whole table."""
+    from lora_exp.data.tasks import generate
+
+    _, val = generate("json_extract", 0, 16, 0)  # the tiny run's held-out examples (debug=quick)
+    data = tmp_path / "held_out.jsonl"
+    data.write_text("".join(json.dumps(example) + "\n" for example in val))
+    out = tmp_path / "table.json"
+    run_cli("lora_exp.evaluate", f"run_dir={tiny_run}", f"data_file={data}", "base=false", f"out={out}", cwd=tmp_path)
+    table = json.loads(out.read_text())
+    assert table["examples"] == 16 and table["data"]["val_path"] == str(data)
+    assert list(table["rows"]) == ["run"]
+    assert table["rows"]["run"][M.VAL_LOSS] == pytest.approx(_metrics(tiny_run)[M.VAL_LOSS], rel=1e-6)
 
 
 def test_switching_adapters_gives_each_adapter_its_own_logits(tiny_run: Path, tiny_run_seed1: Path):

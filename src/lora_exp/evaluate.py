@@ -144,9 +144,29 @@ def eval_data_config(run_data: DictConfig, cfg: DictConfig) -> DictConfig:
             key = key.lstrip("+~")
             if key.startswith("data."):
                 OmegaConf.update(data, key[len("data.") :], OmegaConf.select(cfg, key), force_add=True)
+    if cfg.get("data_file"):
+        _point_at_file(data, run_data, cfg, {k.lstrip("+~")[len("data.") :] for k, _ in overrides})
     if cfg.get("batch_size"):
         data.eval_batch_size = int(cfg.batch_size)
     return data
+
+
+def _point_at_file(data: DictConfig, run_data: DictConfig, cfg: DictConfig, typed: set[str]) -> None:
+    """``data_file=FILE``: every example of FILE is the evaluated split, rendered as in training.
+
+    The run's sequence length, chat template and prompt supervision carry over unless typed.
+    """
+    from lora_exp.errors import DataError
+
+    path = Path(cfg.data_file).expanduser()
+    if not path.is_file():
+        raise DataError(f"data_file={path}: no such file")
+    data.train_path = data.val_path = str(path.resolve())
+    for key in ("max_seq_len", "chat_template", "train_on_prompt"):
+        if key in run_data and key not in typed:
+            data[key] = run_data[key]
+    if cfg.split == "val" and "num_train" not in typed:
+        data.num_train = 1  # the file also stands in as the train split, which is not evaluated
 
 
 def _cli_overrides() -> list[tuple[str, str]]:
@@ -236,6 +256,8 @@ def _with_run_data_choice(argv: list[str]) -> list[str]:
     """Select the first run's ``data`` option so that ``data.*`` overrides type-check against it."""
     if any(a.split("=", 1)[0].lstrip("+~") == "data" for a in argv):
         return argv
+    if any(a.startswith("data_file=") for a in argv) and (Path(config_dir()) / "data" / "jsonl.yaml").is_file():
+        return [*argv, "data=jsonl"]  # a local file, whatever data the run trained on
     raw = next((a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")), None)
     if raw is None:
         return argv
