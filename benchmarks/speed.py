@@ -145,6 +145,7 @@ def lora_exp_overrides(spec: dict, pack_tokens: int) -> list[str]:
         "trainer.max_epochs=1",
         "trainer.limit_val_batches=0",
         "trainer.enable_progress_bar=false",
+        "trainer.log_every_n_steps=1",  # every step's loss, as the HF contenders log it
         "logger=none",
     ] + ([f"model.path={spec['model_folder']}"] if spec.get("model_path_override") else [])
 
