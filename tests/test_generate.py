@@ -57,13 +57,20 @@ def test_sampling_follows_the_seed(tiny_chat, capsys):
     assert replies[0] == replies[1] != replies[2]
 
 
-def test_prompt_with_commas_and_brackets_is_taken_verbatim(tiny_run: Path, tmp_path: Path):
-    prompt = "Hello, [world] {x} ${y} it's me"
-    proc = run_cli(
-        "lora_exp.generate", f"run_dir={tiny_run}", f"prompt={prompt}", "max_new_tokens=6", "seed=3", cwd=tmp_path
-    )
-    assert proc.stdout.strip()  # only the model's text on stdout
-    assert "adapter" in proc.stderr
+@pytest.mark.parametrize(
+    "prompt",
+    ['Hello, [world] {x} ${y} it\'s a \\ "test": a=b', "ends in a backslash\\", "it\\'s", "a,b", "=x"],
+)
+def test_free_text_reaches_the_config_verbatim(prompt):
+    """prompt= values with commas, brackets, quotes and ${...} survive Hydra's override grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from lora_exp.inference import quote_free_text
+
+    args = quote_free_text([f"prompt={prompt}", "max_new_tokens=3", "system='already quoted'"], generate.FREE_TEXT_KEYS)
+    parsed = OverridesParser.create().parse_overrides(args)
+    cfg = OmegaConf.create({o.key_or_group: o.value() for o in parsed})
+    assert cfg.prompt == prompt and cfg.max_new_tokens == 3 and cfg.system == "already quoted"
 
 
 def test_interactive_chat_over_piped_stdin(tiny_run: Path, tmp_path: Path):

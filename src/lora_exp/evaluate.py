@@ -56,6 +56,8 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     for run in runs[1:]:
         if eval_data_config(run.cfg.data, cfg) != data_cfg:
             print(f"note: {run.path} was trained on other data; every adapter is evaluated on {first.path}'s")
+        if inference.quant_name(run.cfg) != inference.quant_name(first.cfg):
+            print(f"note: {run.path} was trained on another quant; the base is loaded as {first.path}'s")
 
     inference.quiet_lightning()
     tokenizer = load_tokenizer(folder)

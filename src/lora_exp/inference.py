@@ -198,7 +198,9 @@ def quote_free_text(argv: list[str], keys: Sequence[str]) -> list[str]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key in keys and not (len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""):
-            value = value.replace("\\", "\\\\").replace("'", "\\'").replace("${", "\\${")
+            # Hydra unescapes backslashes only where they precede a quote (or end the string)
+            value = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value)
+            value = value.replace("${", "\\${")
             arg = f"{key}='{value}'"
         out.append(arg)
     return out
