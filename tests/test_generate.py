@@ -106,7 +106,7 @@ def test_default_model_answers_the_task_prompt(default_run: Path, tmp_path: Path
         f"run_dir={default_run}",
         f"prompt={INSTRUCTION}{sentence}",
         "temperature=0",
-        "max_new_tokens=40",
+        "max_new_tokens=16",
         cwd=tmp_path,
     )
     assert "Ada" in proc.stdout

@@ -62,7 +62,7 @@ def generate(cfg: DictConfig) -> list[str]:
     tokenizer = load_tokenizer(folder)
     if not tokenizer.chat_template:
         raise RunDirError(f"{folder}: the tokenizer has no chat template")
-    model = inference.load_base(run, folder, dtype=cfg.dtype)
+    model = inference.load_base(run, folder, dtype=cfg.dtype or _default_dtype(run))
     if cfg.adapter:
         model = inference.attach_adapters(model, [run])
     if inference.quant_name(run.cfg) is None:
@@ -75,6 +75,15 @@ def generate(cfg: DictConfig) -> list[str]:
     if cfg.prompt is not None:
         return [reply(model, tokenizer, [*system, {"role": "user", "content": str(cfg.prompt)}], cfg)]
     return chat(model, tokenizer, system, cfg)
+
+
+def _default_dtype(run) -> str | None:
+    """float32 on a CPU (token-by-token bf16 matmuls are slower there), else the run's ``model.dtype``."""
+    from lora_exp import inference
+
+    if inference.device() == "cpu" and inference.quant_name(run.cfg) is None:
+        return "float32"
+    return None
 
 
 def chat(model, tokenizer, system: list[dict], cfg: DictConfig) -> list[str]:
