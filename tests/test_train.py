@@ -33,8 +33,14 @@ def test_checkpoints_hold_only_trainable_state(default_run: Path):
     ckpt = torch.load(default_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
     assert ckpt["optimizer_states"]
-    base_bytes = (Path(json.loads((default_run / "adapter" / "adapter_config.json").read_text())
-                       ["base_model_name_or_path"]) / "model.safetensors").stat().st_size
+    base_bytes = (
+        (
+            Path(json.loads((default_run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"])
+            / "model.safetensors"
+        )
+        .stat()
+        .st_size
+    )
     assert (default_run / "checkpoints" / "last.ckpt").stat().st_size < 0.1 * base_bytes
 
 
@@ -72,9 +78,21 @@ def test_adapter_reloads_in_plain_peft_with_the_trained_logits(default_run: Path
 
 def test_overrides_reach_the_run_and_evaluation_can_be_turned_off(tmp_path: Path):
     run_dir = tmp_path / "run"
-    proc = train_cli(run_dir, "model=tiny_llama", "debug=quick", "lora.r=32", "lora.alpha=8",
-                     "lora.dropout=0.1", "lora.target_modules=qv", "seed=5", "optim.lr=3e-4",
-                     "trainer.max_steps=3", "trainer.precision=32-true", "trainer.limit_val_batches=0", "logger=none")
+    proc = train_cli(
+        run_dir,
+        "model=tiny_llama",
+        "debug=quick",
+        "lora.r=32",
+        "lora.alpha=8",
+        "lora.dropout=0.1",
+        "lora.target_modules=qv",
+        "seed=5",
+        "optim.lr=3e-4",
+        "trainer.max_steps=3",
+        "trainer.precision=32-true",
+        "trainer.limit_val_batches=0",
+        "logger=none",
+    )
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m[M.STATUS] == M.STATUS_COMPLETED and m[M.STEPS] == 3
     assert m[M.LORA_SCALING] == 0.25 and m["lora/target_modules"] == ["q_proj", "v_proj"]
@@ -117,4 +135,3 @@ def test_llama_without_hub_access_fails_fast_with_what_to_do(tmp_path: Path):
     assert "Traceback" not in proc.stderr
     status = json.loads((tmp_path / "run" / "metrics.json").read_text())[M.STATUS]
     assert status == M.STATUS_FAILED  # nothing that looks like a finished run
-
