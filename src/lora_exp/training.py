@@ -333,7 +333,7 @@ def _sample_generations(loggers: list, tokenizer, datamodule):
         examples = [formats.convert(r, datamodule.format, fields) for r in val[:wanted]]
         examples = [e for e in examples if e.get("messages") and e["messages"][-1]["role"] == "assistant"]
         renderer = getattr(datamodule, "renderer", None)
-        render = (lambda m: renderer._apply(m, add_generation_prompt=True)) if hasattr(renderer, "_apply") else None
+        render = renderer.render_prompt if renderer is not None else None
     except Exception as e:  # samples are a courtesy: never a reason to fail the run
         log.warning("no sample generations: %s: %s", type(e).__name__, e)
         return None

@@ -203,6 +203,10 @@ class Renderer:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template
         )
 
+    def render_prompt(self, messages: list[dict]) -> str:
+        """The conversation so far plus the header that opens the assistant's reply (for generation)."""
+        return self._apply(messages, add_generation_prompt=True)
+
     def render_chat(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of every assistant reply + its end-of-turn token."""
         text = self._apply(messages)
