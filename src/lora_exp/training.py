@@ -111,8 +111,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # marks the run interrupted if this process is killed outright (kill -9, out-of-memory killer)
     watcher = watch_for_kill(run_dir) if is_global_zero() else None
     try:
-        _train(cfg, run_dir, record, previous, write)
-        return write(run_dir, M.STATUS_COMPLETED, record)
+        report = _train(cfg, run_dir, record, previous, write)
+        completed = write(run_dir, M.STATUS_COMPLETED, record)
     except KeyboardInterrupt:
         write(run_dir, M.STATUS_INTERRUPTED, record)
         raise
@@ -129,6 +129,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if watcher is not None:  # only now, with the final status on disk
             watcher.stdin.close()
             watcher.wait()
+    if report:  # after W&B's own closing lines, so the run's summary is the last thing shown
+        print(report, flush=True)
+    return completed
 
 
 def _previous_record(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -165,7 +168,8 @@ def _comparable_overrides(overrides: list[str]) -> list[str]:
     return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "resume")
 
 
-def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dict[str, Any], write) -> None:
+def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dict[str, Any], write) -> str | None:
+    """Train and fill ``record``; return the end-of-run summary (None on ranks other than 0)."""
     import hydra
     import lightning as L
 
@@ -272,7 +276,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dic
     # FSDP holds shards: gather the full state on every rank (a collective), save it from rank 0
     state = _unprefixed(trainer.strategy.lightning_module_state_dict()) if distributed.is_fsdp(cfg.trainer) else None
     if not trainer.is_global_zero:
-        return
+        return None
     lora.save_adapter(model, run_dir / ADAPTER_DIR, initial_adapter, state)
     if initial_adapter:
         shutil.rmtree(initial_adapter, ignore_errors=True)
@@ -281,7 +285,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dic
     for wandb_logger in wandb_loggers(loggers):
         rows = samples.rows if samples else None
         wandb_logger.log_run_end({**record, M.STATUS: M.STATUS_COMPLETED}, run_dir / ADAPTER_DIR, rows)
-    print(summary(record, lora.trainable_params_line(model), run_dir / ADAPTER_DIR), flush=True)
+    return summary(record, lora.trainable_params_line(model), run_dir / ADAPTER_DIR)
 
 
 def _instantiate_logger(logger_cfg, previous: dict[str, Any]):
