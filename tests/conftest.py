@@ -74,3 +74,20 @@ def tiny_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
     train_cli(run_dir, "model=tiny_llama", "debug=quick", "logger=wandb")
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_peft():
+    """The tiny random Llama with a non-zero LoRA adapter on q,k,v,o (dropout off), for parity tests."""
+    import torch
+
+    from lora_exp import lora
+    from lora_exp.models import load_base_model, resolve_model_folder
+
+    cfg = compose("model=tiny_llama", "lora.dropout=0.0")
+    torch.manual_seed(0)
+    model = lora.wrap(load_base_model(cfg.model, resolve_model_folder(cfg.model)), cfg.lora)
+    for n, p in model.named_parameters():  # a non-zero adapter, so the LoRA path matters
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()

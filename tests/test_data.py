@@ -312,20 +312,6 @@ def test_packed_batches_have_no_padding_and_restart_positions(tmp_path, smol_tok
     assert sorted(seen) == lengths  # every example exactly once, nothing but examples
 
 
-@pytest.fixture(scope="module")
-def tiny_peft():
-    from lora_exp import lora
-    from lora_exp.models import load_base_model, resolve_model_folder
-
-    cfg = compose("model=tiny_llama", "lora.dropout=0.0")
-    torch.manual_seed(0)
-    model = lora.wrap(load_base_model(cfg.model, resolve_model_folder(cfg.model)), cfg.lora)
-    for n, p in model.named_parameters():  # a non-zero adapter, so the LoRA path matters
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
-
-
 def test_packed_loss_equals_unpacked_loss_and_attention_stays_inside_examples(tiny_peft, smol_tok):
     from lora_exp.loss import causal_lm_loss
 

@@ -11,24 +11,11 @@ import pytest
 import torch
 
 from conftest import compose
-from lora_exp import lora
 from lora_exp import metrics as M
 from lora_exp.config import validate
 from lora_exp.data.packing import PackCollator, PadCollator
 from lora_exp.errors import ConfigError
 from lora_exp.loss import LOSSES
-from lora_exp.models import load_base_model, resolve_model_folder
-
-
-@pytest.fixture(scope="module")
-def tiny_peft():
-    cfg = compose("model=tiny_llama", "lora.dropout=0.0")
-    torch.manual_seed(0)
-    model = lora.wrap(load_base_model(cfg.model, resolve_model_folder(cfg.model)), cfg.lora)
-    for n, p in model.named_parameters():  # a non-zero adapter, so the LoRA path matters
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    return model
 
 
 def _rows() -> list[dict]:
