@@ -85,13 +85,7 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         return dict(module.last_val)
 
-    rows: dict[str, dict[str, float]] = {}
-    if cfg.base:
-        with model.disable_adapter():
-            rows[BASE_ROW] = measure()
-    for run in runs:
-        model.set_adapter(run.name)
-        rows[run.name] = measure()
+    rows = per_adapter(model, runs, cfg.base, measure)
 
     harness = harness_scores(model, tokenizer, runs, cfg) if cfg.harness.tasks else {}
     for name, scores in harness.items():
@@ -186,6 +180,18 @@ def _read(fn, *args) -> dict[str, Any]:
         return {}
 
 
+def per_adapter(model, runs, base: bool, measure) -> dict[str, dict[str, float]]:
+    """``measure()`` with the adapters off (row ``base``, if asked) and then with each run's adapter active."""
+    rows: dict[str, dict[str, float]] = {}
+    if base:
+        with model.disable_adapter():
+            rows[BASE_ROW] = measure()
+    for run in runs:
+        model.set_adapter(run.name)
+        rows[run.name] = measure()
+    return rows
+
+
 def table(rows: dict[str, dict[str, float]], title: str) -> str:
     """A plain-text table: one row per model, one column per metric (validation metrics first)."""
     from lora_exp import metrics as M
@@ -244,14 +250,7 @@ def harness_scores(model, tokenizer, runs, cfg: DictConfig) -> dict[str, dict[st
                     flat[f"harness/{task}/{name}"] = float(value)
         return flat
 
-    rows = {}
-    if cfg.base:
-        with model.disable_adapter():
-            rows[BASE_ROW] = scores()
-    for run in runs:
-        model.set_adapter(run.name)
-        rows[run.name] = scores()
-    return rows
+    return per_adapter(model, runs, cfg.base, scores)
 
 
 def _with_run_data_choice(argv: list[str]) -> list[str]:
