@@ -77,11 +77,7 @@ def ensure_smollm2_folder() -> Path:
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(folder) if not folder.exists() else None
-    if tmp.exists():  # another process won the race; its folder is as good as ours
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    _publish(tmp, folder)
     print(f"[lora-exp] Cached the default model at {folder}", flush=True)
     return folder
 
