@@ -45,6 +45,9 @@ LEVERS = {
     "lora_exp -packing": ["data.packing=false"],
     "lora_exp -bf16 base": ["model.dtype=float32"],
     "lora_exp -lean loss": ["loss.impl=full"],
+    "lora_exp -packed attention": ["speed.packed_attention=false"],
+    "lora_exp -bits dropout": ["speed.lora_dropout=false"],
+    "lora_exp -no input cast": ["speed.no_input_cast=false"],
 }
 NOTES = """
 How to read it: `lora_exp -X` rows are lora-exp with one lever turned off; the lever's share of the
@@ -59,10 +62,13 @@ DESCRIPTIONS = {
     "hf_fp32": "HF Trainer + PEFT, default precision (fp32), dynamic padding",
     "hf_bf16": "HF Trainer + PEFT, bf16=True, dynamic padding",
     "plain": "plain PyTorch loop, same padded batches, bf16 autocast",
-    "lora_exp": "python -m lora_exp.train: packing, bf16 base, chunked loss",
+    "lora_exp": "python -m lora_exp.train: packing, bf16 base, chunked loss, the speed.* fast path",
     "lora_exp -packing": "lora-exp, padded batches instead of packing",
     "lora_exp -bf16 base": "lora-exp, fp32 frozen base (bf16 autocast still on)",
     "lora_exp -lean loss": "lora-exp, transformers' full-logits loss instead of the chunked one",
+    "lora_exp -packed attention": "lora-exp, sdpa over the whole packed row under a block-diagonal mask",
+    "lora_exp -bits dropout": "lora-exp, torch's dropout in the LoRA layers",
+    "lora_exp -no input cast": "lora-exp, PEFT's fp32 copy of every LoRA layer's input",
 }
 
 

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torchmetrics import SumMetric
 
+from lora_exp import fastpath
 from lora_exp import metrics as M
 from lora_exp.loss import LOSSES, causal_lm_loss
 
@@ -20,9 +21,12 @@ class LoraModule(L.LightningModule):
     measures the base model (``base/val/loss``) before training and the adapter after.
     """
 
-    def __init__(self, model, optim_cfg, loss_chunk_size: int = 4096, loss_impl: str = "chunked"):
+    def __init__(
+        self, model, optim_cfg, loss_chunk_size: int = 4096, loss_impl: str = "chunked", lean_casts: bool = False
+    ):
         super().__init__()
         self.model = model
+        self.lean_casts = lean_casts  # speed.no_input_cast: see lora_exp.fastpath
         self.optim_cfg = optim_cfg
         self.loss_chunk_size = loss_chunk_size
         self.train_loss = LOSSES[loss_impl]  # "full": transformers' loss, for speed comparisons
@@ -35,7 +39,8 @@ class LoraModule(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.train_loss(self.model, batch, self.loss_chunk_size)
+        with fastpath.lean_casts(self.model, self.lean_casts):
+            out = self.train_loss(self.model, batch, self.loss_chunk_size)
         loss = out.loss_sum / out.n_tokens.clamp(min=1)
         n = batch["input_ids"].shape[0]
         self.log(M.TRAIN_LOSS, loss, prog_bar=True, batch_size=n)
@@ -47,7 +52,8 @@ class LoraModule(L.LightningModule):
             metric.reset()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        out = causal_lm_loss(self.model, batch, self.loss_chunk_size, with_accuracy=True)
+        with fastpath.lean_casts(self.model, self.lean_casts):
+            out = causal_lm_loss(self.model, batch, self.loss_chunk_size, with_accuracy=True)
         for key, metric in self._val.items():
             metric.update(getattr(out, key).float())
 

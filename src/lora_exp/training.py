@@ -173,7 +173,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dic
     import hydra
     import lightning as L
 
-    from lora_exp import distributed, lora, resume, rundir
+    from lora_exp import distributed, fastpath, lora, resume, rundir
     from lora_exp.callbacks import Throughput
     from lora_exp.data.datamodule import InstructionDataModule
     from lora_exp.loggers import HistoryLogger, wandb_loggers, wandb_record
@@ -193,6 +193,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dic
         base = load_base_model(cfg.model, folder, cfg.get("quant"), fsdp=distributed.is_fsdp(cfg.trainer))
         L.seed_everything(cfg.seed, workers=True, verbose=False)  # right before wrapping: LoRA init is seeded
         model = lora.wrap(base, cfg.lora)
+        fastpath.install(model, cfg.get("speed"))
     initial_adapter = run_dir / INITIAL_ADAPTER_DIR if lora.mutates_base(cfg.lora) else None
     if initial_adapter and is_global_zero():  # PiSSA / OLoRA: the reference for the final conversion
         lora.save_initial_adapter(model, initial_adapter)
@@ -221,7 +222,13 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dic
     if is_global_zero():
         rundir.write_run_json(run_dir, cfg, fingerprints)
 
-    module = LoraModule(model, cfg.optim, cfg.loss.chunk_size, cfg.loss.get("impl", "chunked"))
+    module = LoraModule(
+        model,
+        cfg.optim,
+        cfg.loss.chunk_size,
+        cfg.loss.get("impl", "chunked"),
+        lean_casts=bool((cfg.get("speed") or {}).get("no_input_cast", False)),
+    )
     throughput = Throughput()
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [throughput]
     # exact resume (RNG, data position), and a stop before a NaN/inf loss reaches the adapter
