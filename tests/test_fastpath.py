@@ -146,7 +146,9 @@ def test_lean_casts_give_the_same_loss_and_gradients_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain_loss, plain_grads = _loss_and_grads(model, batch)
         with fastpath.lean_casts(model, True):
-            assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules() if hasattr(m, "lora_A"))
+            assert not any(
+                getattr(m, "cast_input_dtype_enabled", False) for m in model.modules() if hasattr(m, "lora_A")
+            )
             fast_loss, fast_grads = _loss_and_grads(model, batch)
     assert all(m.cast_input_dtype_enabled for m in model.modules() if hasattr(m, "lora_A"))  # restored
     torch.testing.assert_close(fast_loss, plain_loss, rtol=1e-3, atol=0)

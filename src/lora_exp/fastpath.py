@@ -96,7 +96,9 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     )
     seg = segments(pos) if packed else []
     if len(seg) <= 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     on_cpu = query.device.type == "cpu"
     outs = []
