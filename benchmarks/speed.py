@@ -53,10 +53,16 @@ NOTES = """
 How to read it: `lora_exp -X` rows are lora-exp with one lever turned off; the lever's share of the
 speed-up is lora-exp's throughput over that row's. Packed batches hold as many tokens as the padded
 contenders' average batch (`data.pack_tokens`), so the number of optimizer steps stays comparable.
-`metrics.json` of every lora-exp run also records `time/first_step_s` (process start to the end of
-the first training step) and `time/train_loop_s`. GPU: `python benchmarks/speed.py --gpu` (Llama-3.1-8B
-architecture with random weights, bf16 LoRA, seq 2048: tokens/s and MFU); on a machine without a
-CUDA GPU it says so and exits.
+The `speed.*` levers are in `src/lora_exp/fastpath.py` and each is tested against the plain path
+(`tests/test_fastpath.py`): `packed attention` runs one causal attention per packed example instead
+of one over the whole row under a block-diagonal mask (on CPU, examples under 256 tokens take a
+grouped-query matmul, ~2x faster forward + backward than torch's CPU flash kernel at those lengths);
+`bits dropout` draws LoRA dropout masks 15 bits at a time instead of a float per element; `no input
+cast` feeds LoRA layers their bf16 input instead of PEFT's fp32 copy (autocast runs them in bf16
+either way). `metrics.json` of every lora-exp run also records `time/first_step_s` (process start to
+the end of the first training step) and `time/train_loop_s`. GPU: `python benchmarks/speed.py --gpu`
+(Llama-3.1-8B architecture with random weights, bf16 LoRA, seq 2048: tokens/s and MFU); on a machine
+without a CUDA GPU it says so and exits.
 """
 DESCRIPTIONS = {
     "hf_fp32": "HF Trainer + PEFT, default precision (fp32), dynamic padding",
@@ -93,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpu-checkpointing", action="store_true", help="GPU mode: activation checkpointing")
     p.add_argument("--peak-tflops", type=float, default=None, help="GPU mode: the GPU's dense bf16 peak")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.out = args.out.resolve() if args.out else None  # workers run inside their own folder
     args.examples = args.examples or (24 if args.quick else 256)
     args.fixed_examples = args.fixed_examples or (16 if args.quick else 64)
     args.eval_examples = args.eval_examples or (8 if args.quick else 48)
@@ -237,13 +245,15 @@ def machine() -> str:
     return f"{model}, {cores} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM"
 
 
-def load_note() -> str:
-    """The machine's load while the benchmark ran: other work skews absolute timings, less so ratios."""
-    one, five, _ = os.getloadavg()
+def load_note(before: float) -> str:
+    """The machine's load when the benchmark started (its own processes then keep the cores busy)."""
     cores = os.cpu_count() or 1
-    if five > 0.5 * cores:
-        return f"measured under load (load average {five:.1f} on {cores} cores): absolute numbers are pessimistic"
-    return f"load average {five:.1f} on {cores} cores"
+    if before > 0.5 * cores:
+        return (
+            f"measured under load (load average {before:.1f} on {cores} cores at the start): "
+            "absolute numbers are pessimistic"
+        )
+    return f"otherwise idle (load average {before:.1f} on {cores} cores at the start)"
 
 
 def table(case: str, results: dict[str, dict]) -> str:
@@ -331,6 +341,7 @@ def cpu_main(args: argparse.Namespace) -> int:
         "max_seq_len": speed_data.MAX_LEN + 16,
     }
     started = time.perf_counter()
+    args.load_before = os.getloadavg()[1]
     sections, all_results = [], {}
     for case, examples in cases.items():
         train_path = speed_data.write_jsonl(work / case / "train.jsonl", examples)
@@ -370,8 +381,10 @@ def report(args, sections: list[str], variable: dict, seconds: float) -> str:
     lines = [
         "## Speed: lora-exp vs HF Trainer + PEFT",
         "",
-        f"Machine: {machine()}; {load_note()}. torch {torch.__version__}, transformers {transformers.__version__}.",
-        f"`python benchmarks/speed.py{' --quick' if args.quick else ''}` took {seconds / 60:.1f} min. "
+        f"Machine: {machine()}; {load_note(args.load_before)}. torch {torch.__version__}, "
+        f"transformers {transformers.__version__}.",
+        f"`{' '.join(['python benchmarks/speed.py', *args.argv])}` took {seconds / 60:.1f} min "
+        f"({time.strftime('%Y-%m-%d')}). "
         "Model SmolLM2-135M, LoRA r=16 alpha=16 on q,k,v,o, AdamW lr 1e-3, cosine, one epoch. "
         "Real tokens/s = non-padding tokens / training-loop time; wall = whole process; "
         "peak RSS of each contender's own process; held-out loss: every adapter through the same fp32 evaluator.",

@@ -12,6 +12,9 @@ beside it.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 # Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json)
 LLAMA_3_1_8B = dict(
@@ -58,7 +61,7 @@ def main(args) -> int:
     from torch.utils.data import DataLoader
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_exp import lora
+    from lora_exp import fastpath, lora
     from lora_exp.callbacks import Throughput
     from lora_exp.module import LoraModule
 
@@ -76,6 +79,8 @@ def main(args) -> int:
         {"r": 16, "alpha": 16, "dropout": 0.05, "target_modules": "qkvo", "bias": "none", "init": "default"}
     )
     model = lora.wrap(base, lora_cfg)
+    speed_cfg = OmegaConf.load(CONF / "train.yaml").speed  # the fast path a default run takes
+    fastpath.install(model, speed_cfg)
     if args.gpu_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -99,7 +104,7 @@ def main(args) -> int:
             "scheduler": {"_target_": "transformers.get_constant_schedule_with_warmup", "_partial_": True},
         }
     )
-    module = LoraModule(model, optim_cfg)
+    module = LoraModule(model, optim_cfg, lean_casts=bool(speed_cfg.no_input_cast))
     warm, timed = Throughput(), Throughput()
     trainer_kw = dict(
         accelerator="gpu",
