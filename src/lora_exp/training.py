@@ -240,8 +240,11 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dic
     callbacks += [samples] if samples else []
     record.update(wandb_record(loggers))
     distributed.children_share_run_dir()
+    trainer_kwargs = distributed.trainer_kwargs(cfg.trainer)
+    if cfg.data.get("packing"):  # packed batches are split across ranks by the data module itself
+        trainer_kwargs["use_distributed_sampler"] = False
     trainer = L.Trainer(
-        **distributed.trainer_kwargs(cfg.trainer),
+        **trainer_kwargs,
         callbacks=callbacks,
         logger=loggers or False,
         default_root_dir=str(run_dir),

@@ -220,7 +220,8 @@ class InstructionDataModule(L.LightningDataModule):
         workers = self.cfg.get("num_workers", 0)
         if self.packing:
             lengths = [len(r["input_ids"]) for r in self.train_rows]
-            batches = TokenBudgetBatchSampler(self._sampler(), lengths, self.pack_tokens)
+            rank, world = self._rank_and_world()
+            batches = TokenBudgetBatchSampler(self._sampler(), lengths, self.pack_tokens, rank, world)
             loader = DataLoader(self.train_rows, batch_sampler=batches, collate_fn=PackCollator(), num_workers=workers)
             return resumable(loader)
         return resumable(
@@ -235,13 +236,27 @@ class InstructionDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         # Held-out batches stay padded, one example per row: exact match is counted per row.
+        sampler = None
+        rank, world = self._rank_and_world()
+        if self.packing and world > 1:  # Lightning's sampler injection is off (see TokenBudgetBatchSampler)
+            from torch.utils.data import DistributedSampler
+
+            sampler = DistributedSampler(self.val_rows, num_replicas=world, rank=rank, shuffle=False)
         return DataLoader(
             self.val_rows,
             batch_size=self.cfg.get("eval_batch_size") or self.cfg.batch_size,
             shuffle=False,
+            sampler=sampler,
             collate_fn=PadCollator(self.pad_id),
             num_workers=self.cfg.get("num_workers", 0),
         )
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        """This process's global rank and the number of processes, from the attached Trainer."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
 
     @property
     def pad_id(self) -> int:

@@ -44,14 +44,32 @@ class SeededSampler(Sampler[int]):
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):
-    """Consecutive examples of ``sampler``'s order, grouped while their tokens fit in ``max_tokens``."""
+    """Consecutive examples of ``sampler``'s order, grouped while their tokens fit in ``max_tokens``.
 
-    def __init__(self, sampler: SeededSampler, lengths: Sequence[int], max_tokens: int):
+    With ``world_size`` > 1 (DDP), every rank forms the same batches from the same seeded order and
+    takes every ``world_size``-th one, starting at its ``rank``: the ranks see disjoint examples and
+    the same number of steps (the last ``len % world_size`` batches of an epoch are left out, as
+    ``DistributedSampler(drop_last=True)`` would). Lightning must not inject its own sampler
+    (``use_distributed_sampler=False``; ``lora_exp.train`` sets it when ``data.packing`` is on).
+    """
+
+    def __init__(
+        self, sampler: SeededSampler, lengths: Sequence[int], max_tokens: int, rank: int = 0, world_size: int = 1
+    ):
         self.sampler = sampler  # Lightning calls ``batch_sampler.sampler.set_epoch``
         self.lengths = lengths
         self.max_tokens = max_tokens
+        self.rank = rank
+        self.world_size = world_size
 
     def __iter__(self) -> Iterator[list[int]]:
+        if self.world_size == 1:
+            return self._batches()
+        every = list(self._batches())
+        per_rank = len(every) // self.world_size
+        return iter(every[self.rank :: self.world_size][:per_rank])
+
+    def _batches(self) -> Iterator[list[int]]:
         batch: list[int] = []
         used = 0
         for i in self.sampler:
