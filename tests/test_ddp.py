@@ -107,6 +107,42 @@ def test_ddp_with_packing_splits_the_packed_batches_across_ranks(tmp_path):
     assert record[M.TRAIN_TOKENS] == sum(lengths[i] for b in batches[: 2 * steps] for i in b)
 
 
+def test_ddp_step_equals_one_process_accumulating_the_same_batches(tmp_path):
+    """2 ranks x 1 packed batch == 1 process x 2 packed batches accumulated: token-weighted over ranks.
+
+    With packing, rank r trains batches r, r + 2, ...; one process with accumulate 2 sees batches
+    0 and 1 in its first step too. SGD in fp32 without clipping makes the step the gradient itself.
+    """
+    from safetensors.torch import load_file
+
+    common = [
+        "model=tiny_llama",
+        "debug=quick",
+        "data.packing=true",
+        "data.pack_tokens=512",
+        "lora.dropout=0.0",
+        "trainer.precision=32-true",
+        "trainer.max_steps=1",
+        "trainer.limit_val_batches=0",
+        "trainer.gradient_clip_val=null",
+        "optim.warmup_ratio=0",
+        "optim.lr=0.5",
+        "optim.optimizer._target_=torch.optim.SGD",
+        "~optim.optimizer.betas",
+        "~optim.optimizer.eps",
+        "logger=none",
+    ]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    ddp_args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+    run_cli("lora_exp.train", *common, *ddp_args, f"hydra.run.dir={ddp}", cwd=tmp_path)
+    run_cli("lora_exp.train", *common, "trainer.accumulate_grad_batches=2", f"hydra.run.dir={single}", cwd=tmp_path)
+    a = load_file(ddp / "adapter" / "adapter_model.safetensors")
+    b = load_file(single / "adapter" / "adapter_model.safetensors")
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 def test_child_command_repeats_the_job_not_the_sweep(tmp_path, monkeypatch):
     """The rank > 0 command: this job's overrides, its output directory, no ``-m``."""
     from hydra.core.hydra_config import HydraConfig

@@ -135,3 +135,58 @@ def test_llama_without_hub_access_fails_fast_with_what_to_do(tmp_path: Path):
     assert "Traceback" not in proc.stderr
     status = json.loads((tmp_path / "run" / "metrics.json").read_text())[M.STATUS]
     assert status == M.STATUS_FAILED  # nothing that looks like a finished run
+
+
+def test_gradient_accumulation_weights_every_token_equally(tmp_path: Path):
+    """Batch 4 x accumulate 2 makes the same SGD step as batch 8, though its micro-batches differ in length.
+
+    Averaging each micro-batch's mean loss (Lightning's default) would weight the tokens of the
+    shorter micro-batch more (transformers#34191); the run divides by the window's tokens instead.
+    """
+    from safetensors.torch import load_file
+
+    from conftest import compose
+    from lora_exp.data.datamodule import InstructionDataModule
+    from lora_exp.data.templating import IGNORE_INDEX
+    from lora_exp.models import load_tokenizer, resolve_model_folder
+
+    counts = [" ".join(str(i) for i in range(1, n + 1)) for n in range(1, 17)]
+    records = [{"prompt": f"Count to {n}.", "response": text} for n, text in enumerate(counts, 1)]
+    train_path = tmp_path / "train.jsonl"
+    train_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    common = [
+        "model=tiny_llama",
+        "data=jsonl",
+        f"data.train_path={train_path}",
+        f"data.val_path={train_path}",
+        "data.shuffle=false",  # the short examples come first: the two micro-batches differ in length
+        "lora.dropout=0.0",
+        "trainer.precision=32-true",
+        "trainer.max_steps=1",
+        "trainer.limit_val_batches=0",
+        "trainer.gradient_clip_val=null",
+        "optim.warmup_ratio=0",
+        "optim.lr=0.5",
+        "optim.optimizer._target_=torch.optim.SGD",
+        "~optim.optimizer.betas",
+        "~optim.optimizer.eps",
+        "logger=none",
+    ]
+    full = tmp_path / "batch8"
+    micro = tmp_path / "batch4x2"
+    train_cli(full, *common, "data.batch_size=8")
+    train_cli(micro, *common, "data.batch_size=4", "trainer.accumulate_grad_batches=2")
+
+    cfg = compose(*common, "data.batch_size=4")
+    data = InstructionDataModule(cfg.data, load_tokenizer(resolve_model_folder(cfg.model)), cfg.seed)
+    data.setup("fit")
+    first, second = data._train_batches([len(r["input_ids"]) for r in data.train_rows])[:2]
+    supervised = [sum(t != IGNORE_INDEX for i in b for t in data.train_rows[i]["labels"][1:]) for b in (first, second)]
+    assert supervised[0] != supervised[1], "micro-batches of equal token counts would not tell the two apart"
+
+    a = load_file(full / "adapter" / "adapter_model.safetensors")
+    b = load_file(micro / "adapter" / "adapter_model.safetensors")
+    moved = [k for k in a if "lora_B" in k]
+    assert moved and all(a[k].abs().max() > 0 for k in moved)  # lora_B starts at zero: the step moved it
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)

@@ -27,6 +27,10 @@ class LoraModule(L.LightningModule):
         super().__init__()
         self.model = model
         self.lean_casts = lean_casts  # speed.no_input_cast: see lora_exp.fastpath
+        # gradients of summed token losses, divided by the window's supervised tokens before each
+        # optimizer step (see on_before_optimizer_step); the scale keeps magnitudes as for a mean
+        self.token_norm: float | None = None
+        self._window_tokens = torch.zeros((), dtype=torch.long)
         self.optim_cfg = optim_cfg
         self.loss_chunk_size = loss_chunk_size
         self.train_loss = LOSSES[loss_impl]  # "full": transformers' loss, for speed comparisons
@@ -43,9 +47,41 @@ class LoraModule(L.LightningModule):
             out = self.train_loss(self.model, batch, self.loss_chunk_size)
         loss = out.loss_sum / out.n_tokens.clamp(min=1)
         n = batch["input_ids"].shape[0]
-        self.log(M.TRAIN_LOSS, loss, prog_bar=True, batch_size=n)
+        self.log(M.TRAIN_LOSS, loss.detach(), prog_bar=True, batch_size=n)
         self.log(M.TRAIN_LR, self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
-        return loss
+        if self.token_norm is None:
+            return loss
+        self._window_tokens = self._window_tokens.to(out.n_tokens.device) + out.n_tokens.detach()
+        # Lightning divides what is returned by accumulate_grad_batches before backward
+        return out.loss_sum * (self.trainer.accumulate_grad_batches / self.token_norm)
+
+    def on_train_start(self) -> None:
+        """Token-weighted gradient accumulation, unless DeepSpeed owns the gradients.
+
+        Every micro-batch's summed loss is back-propagated as is, and the accumulated gradients are
+        divided by the supervised tokens of the whole window, over all ranks: the gradient of the
+        token mean over everything the optimizer step saw, whatever the lengths of its micro-batches
+        (averaging per-micro-batch means over-weights the tokens of short micro-batches:
+        transformers#34191). ``token_norm`` is a constant, the same on every rank (the mean
+        supervised tokens of a training batch), so gradient magnitudes stay as for a mean loss.
+        """
+        strategy = type(self.trainer.strategy).__name__
+        per_batch = getattr(self.trainer.datamodule, "supervised_per_batch", None)
+        if per_batch and "DeepSpeed" not in strategy:
+            self.token_norm = float(per_batch)
+        self._window_tokens = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.token_norm is None:
+            return
+        tokens = self.trainer.strategy.reduce(self._window_tokens.float(), reduce_op="sum")
+        # data-parallel strategies average gradients over ranks; undo that, then divide by all tokens
+        factor = self.token_norm * self.trainer.world_size / max(float(tokens), 1.0)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(factor)
+        self._window_tokens = torch.zeros_like(self._window_tokens)
 
     def on_validation_epoch_start(self) -> None:
         for metric in self._val.values():

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from lora_exp import metrics as M
 from lora_exp.data import formats, sources, tasks
 from lora_exp.data.packing import PackCollator, PadCollator, SeededSampler, TokenBudgetBatchSampler, padding_fraction
-from lora_exp.data.templating import Encoded, Renderer
+from lora_exp.data.templating import IGNORE_INDEX, Encoded, Renderer
 from lora_exp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.val_rows: list[dict] = []
         self.truncated = 0
         self.stats: dict[str, Any] = {}
+        self.supervised_per_batch = 0.0
         self.fingerprint: str | None = None
         self.format: str | None = None
         self.renderer = Renderer(
@@ -111,6 +112,9 @@ class InstructionDataModule(L.LightningDataModule):
         self.fingerprint = self._fingerprint(train_ex, val_ex)
         lengths = [len(r["input_ids"]) for r in self.train_rows]
         first_epoch = self._train_batches(lengths)
+        supervised = sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in self.train_rows)
+        # mean supervised tokens of a training batch: the gradient scale of token-weighted accumulation
+        self.supervised_per_batch = supervised / max(len(first_epoch), 1)
         self.stats = {
             M.DATA_FORMAT: self.format,
             M.DATA_TRAIN_EXAMPLES: len(self.train_rows),
