@@ -31,6 +31,7 @@ def problems(*overrides: str) -> list[str]:
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0: must be >= 1"),
         ("trainer.precision=8-mixed", "trainer.precision='8-mixed'"),
         ("resume=maybe", "resume='maybe': expected true or false"),
+        ("speed.lora_dropout=no_thanks", "speed.lora_dropout='no_thanks': expected true or false"),
         ("model.path=/nonexistent/model", "model.path=/nonexistent/model: not an HF model folder"),
         ("data=jsonl data.train_path=/nonexistent/train.jsonl", "data.train_path=/nonexistent/train.jsonl"),
         ("lora.target_modules=[]", "lora.target_modules is empty"),

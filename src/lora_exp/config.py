@@ -191,6 +191,9 @@ def check_run_keys(cfg, problems: list[str]) -> None:
         _number(cfg, "checkpoint.every_n_steps", problems, low=1, integer=True)
     if not isinstance(cfg.get("resume", False), bool):
         problems.append(f"resume={cfg.get('resume')!r}: expected true or false")
+    for key, value in (cfg.get("speed") or {}).items():
+        if not isinstance(value, bool):
+            problems.append(f"speed.{key}={value!r}: expected true or false")
     for key, low in (("trainer.max_steps", -1), ("trainer.accumulate_grad_batches", 1), ("trainer.devices", 1)):
         value = OmegaConf.select(cfg, key)
         if value is not None and not (key == "trainer.devices" and isinstance(value, (str, list))):
