@@ -49,6 +49,23 @@ def train_cli(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedP
     return run_cli("lora_exp.train", *overrides, f"hydra.run.dir={run_dir}", cwd=cwd, **kwargs)
 
 
+# One optimizer step that is the gradient itself (fp32, SGD, no warm-up, no clipping, no dropout):
+# two runs that must take the same step give the same adapter bytes up to float rounding.
+ONE_SGD_STEP = (
+    "lora.dropout=0.0",
+    "trainer.precision=32-true",
+    "trainer.max_steps=1",
+    "trainer.limit_val_batches=0",
+    "trainer.gradient_clip_val=null",
+    "optim.warmup_ratio=0",
+    "optim.lr=0.5",
+    "optim.optimizer._target_=torch.optim.SGD",
+    "~optim.optimizer.betas",
+    "~optim.optimizer.eps",
+    "logger=none",
+)
+
+
 def compose(*overrides: str, run_dir: Path | str = "/tmp/lora-exp-unused"):
     """Compose the real ``train`` config with overrides, as the CLI would (without Hydra's runtime)."""
     from hydra import compose as hydra_compose

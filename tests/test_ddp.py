@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import compose, run_cli
+from conftest import ONE_SGD_STEP, compose, run_cli
 from lora_exp import distributed
 from lora_exp import metrics as M
 
@@ -120,17 +120,7 @@ def test_ddp_step_equals_one_process_accumulating_the_same_batches(tmp_path):
         "debug=quick",
         "data.packing=true",
         "data.pack_tokens=512",
-        "lora.dropout=0.0",
-        "trainer.precision=32-true",
-        "trainer.max_steps=1",
-        "trainer.limit_val_batches=0",
-        "trainer.gradient_clip_val=null",
-        "optim.warmup_ratio=0",
-        "optim.lr=0.5",
-        "optim.optimizer._target_=torch.optim.SGD",
-        "~optim.optimizer.betas",
-        "~optim.optimizer.eps",
-        "logger=none",
+        *ONE_SGD_STEP,
     ]
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     ddp_args = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]

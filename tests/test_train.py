@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli, train_cli
+from conftest import ONE_SGD_STEP, run_cli, train_cli
 from lora_exp import metrics as M
 
 pytestmark = pytest.mark.slow
@@ -160,17 +160,7 @@ def test_gradient_accumulation_weights_every_token_equally(tmp_path: Path):
         f"data.train_path={train_path}",
         f"data.val_path={train_path}",
         "data.shuffle=false",  # the short examples come first: the two micro-batches differ in length
-        "lora.dropout=0.0",
-        "trainer.precision=32-true",
-        "trainer.max_steps=1",
-        "trainer.limit_val_batches=0",
-        "trainer.gradient_clip_val=null",
-        "optim.warmup_ratio=0",
-        "optim.lr=0.5",
-        "optim.optimizer._target_=torch.optim.SGD",
-        "~optim.optimizer.betas",
-        "~optim.optimizer.eps",
-        "logger=none",
+        *ONE_SGD_STEP,
     ]
     full = tmp_path / "batch8"
     micro = tmp_path / "batch4x2"

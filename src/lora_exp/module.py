@@ -51,7 +51,7 @@ class LoraModule(L.LightningModule):
         self.log(M.TRAIN_LR, self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=n)
         if self.token_norm is None:
             return loss
-        self._window_tokens = self._window_tokens.to(out.n_tokens.device) + out.n_tokens.detach()
+        self._window_tokens = self._window_tokens + out.n_tokens.detach()
         # Lightning divides what is returned by accumulate_grad_batches before backward
         return out.loss_sum * (self.trainer.accumulate_grad_batches / self.token_norm)
 
