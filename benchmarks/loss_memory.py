@@ -9,7 +9,7 @@ the process's peak resident memory during that step above its resident memory ju
 (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``), after one warm-up step. Variants:
 
 - ``full``: transformers' own loss (``loss.impl=full``): logits for every position, upcast to fp32.
-- ``chunked/N``: ``lora_exp.loss.causal_lm_loss`` (the default): the LM head only at supervised
+- ``chunked/N``: ``lora_exp.training.loss.causal_lm_loss`` (the default): the LM head only at supervised
   positions, N positions per chunk, fp32 logits recomputed in the backward pass.
 """
 
@@ -38,7 +38,7 @@ def measure(variant: str, batch: int, seq: int, hidden: int, supervised: float) 
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_exp.loss import causal_lm_loss, full_logits_loss
+    from lora_exp.training.loss import causal_lm_loss, full_logits_loss
 
     torch.manual_seed(0)
     config = LlamaConfig(

@@ -316,7 +316,7 @@ def write_readme(text: str) -> None:
 
 
 def cpu_main(args: argparse.Namespace) -> int:
-    from lora_exp.models import ensure_smollm2_folder, load_tokenizer
+    from lora_exp.model.load import ensure_smollm2_folder, load_tokenizer
 
     folder = args.model_path or str(ensure_smollm2_folder())
     tokenizer = load_tokenizer(folder)

@@ -61,9 +61,10 @@ def main(args) -> int:
     from torch.utils.data import DataLoader
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_exp import fastpath, lora
-    from lora_exp.callbacks import Throughput
-    from lora_exp.module import LoraModule
+    from lora_exp.model import lora
+    from lora_exp.training import fastpath
+    from lora_exp.training.callbacks import Throughput
+    from lora_exp.training.module import LoraModule
 
     seq, batch, steps = 2048, args.gpu_batch, args.gpu_steps
     name = torch.cuda.get_device_name()

@@ -54,7 +54,7 @@ def load(spec: dict):
     sys.path.insert(0, str(Path(__file__).parent))
     from speed_data import read_jsonl
 
-    from lora_exp.models import load_tokenizer
+    from lora_exp.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(spec["model_folder"])
     rows = tokenize_usual(tokenizer, read_jsonl(spec["train_path"]))
@@ -176,7 +176,7 @@ def run_eval(spec: dict) -> dict:
     sys.path.insert(0, str(Path(__file__).parent))
     from speed_data import read_jsonl
 
-    from lora_exp.models import load_tokenizer
+    from lora_exp.model.load import load_tokenizer
 
     tokenizer = load_tokenizer(spec["model_folder"])
     rows = tokenize_usual(tokenizer, read_jsonl(spec["eval_path"]))

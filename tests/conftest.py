@@ -98,8 +98,8 @@ def tiny_peft():
     """The tiny random Llama with a non-zero LoRA adapter on q,k,v,o (dropout off), for parity tests."""
     import torch
 
-    from lora_exp import lora
-    from lora_exp.models import load_base_model, resolve_model_folder
+    from lora_exp.model import lora
+    from lora_exp.model.load import load_base_model, resolve_model_folder
 
     cfg = compose("model=tiny_llama", "lora.dropout=0.0")
     torch.manual_seed(0)

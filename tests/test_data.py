@@ -21,7 +21,7 @@ from lora_exp.data.packing import PackCollator, PadCollator
 from lora_exp.data.sources import Record
 from lora_exp.data.templating import CHAT_TEMPLATES, IGNORE_INDEX, Renderer
 from lora_exp.errors import DataError
-from lora_exp.models import ensure_smollm2_folder, load_tokenizer
+from lora_exp.model.load import ensure_smollm2_folder, load_tokenizer
 
 LLAMA_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 LLAMA_SPECIALS += ["<|finetune_right_pad_id|>"]
@@ -313,7 +313,7 @@ def test_packed_batches_have_no_padding_and_restart_positions(tmp_path, smol_tok
 
 
 def test_packed_loss_equals_unpacked_loss_and_attention_stays_inside_examples(tiny_peft, smol_tok):
-    from lora_exp.loss import causal_lm_loss
+    from lora_exp.training.loss import causal_lm_loss
 
     r = Renderer(smol_tok, 1024)
     examples = [

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import train_cli
 from lora_exp import metrics as M
-from lora_exp.rundir import read_metrics
+from lora_exp.runs.rundir import read_metrics
 
 
 def _gsm8k_style(path, n: int):

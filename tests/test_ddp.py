@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import ONE_SGD_STEP, compose, run_cli
-from lora_exp import distributed
 from lora_exp import metrics as M
+from lora_exp.training import distributed
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_ddp_with_packing_splits_the_packed_batches_across_ranks(tmp_path):
     so no batch was trained twice and none was skipped (except the odd one out at the end).
     """
     from lora_exp.data.datamodule import InstructionDataModule
-    from lora_exp.models import load_tokenizer, resolve_model_folder
+    from lora_exp.model.load import load_tokenizer, resolve_model_folder
 
     overrides = ["model=tiny_llama", "debug=quick", "data.packing=true", "data.pack_tokens=512", "trainer.max_steps=-1"]
     run_dir = tmp_path / "run"
@@ -185,7 +185,7 @@ def test_distributed_trainer_configs_compose(option, tmp_path):
 
 def test_qlora_under_fsdp_stores_4bit_weights_in_the_model_dtype(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from lora_exp.quant import bnb_config
+    from lora_exp.model.quant import bnb_config
 
     cfg = compose("quant=nf4", "trainer=fsdp", run_dir=tmp_path)
     assert bnb_config(cfg.quant, fsdp=True, model_dtype="bfloat16").bnb_4bit_quant_storage == torch.bfloat16

@@ -70,7 +70,7 @@ def test_switching_adapters_gives_each_adapter_its_own_logits(tiny_run: Path, ti
     """Adapters loaded by name onto one base, switched in place, equal each adapter loaded alone."""
     from peft import PeftModel
 
-    from lora_exp import inference
+    from lora_exp.inference import session as inference
 
     runs = inference.load_runs([str(tiny_run), str(tiny_run_seed1)])
     folder = inference.check_same_base(runs)
@@ -116,12 +116,12 @@ metric_list:
 def test_harness_scores_the_adapter_not_the_bare_base(tiny_run: Path, tmp_path: Path):
     """A local lm-eval task scores base and adapter differently: the adapter is really applied."""
     pytest.importorskip("lm_eval")
+    from lora_exp.inference.session.evaluate import harness_scores
     from omegaconf import OmegaConf
 
-    from lora_exp import inference
     from lora_exp.data.tasks import generate
-    from lora_exp.evaluate import harness_scores
-    from lora_exp.models import load_tokenizer
+    from lora_exp.inference import session as inference
+    from lora_exp.model.load import load_tokenizer
 
     _, val = generate("json_extract", 0, 4, 0)
     data = tmp_path / "records.jsonl"

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from lora_exp.inference.session.export import EXPORT_FILE
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import compose, run_cli
-from lora_exp.export import EXPORT_FILE
 
 IDS = torch.tensor([[1, 400, 5000, 77, 9, 12000, 3, 42]])
 
@@ -47,8 +47,8 @@ def qlora_run(tmp_path: Path) -> Path:
     """A run directory of a QLoRA (nf4) config with a non-zero adapter, built without training."""
     from peft import get_peft_model
 
-    from lora_exp import lora
-    from lora_exp.models import load_base_model, resolve_model_folder
+    from lora_exp.model import lora
+    from lora_exp.model.load import load_base_model, resolve_model_folder
 
     run_dir = tmp_path / "qlora_run"
     cfg = compose("model=tiny_llama", "quant=nf4", run_dir=run_dir)

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import compose
-from lora_exp import fastpath, lora
 from lora_exp.data.packing import PackCollator, PadCollator
-from lora_exp.loss import causal_lm_loss
-from lora_exp.models import load_base_model, resolve_model_folder
+from lora_exp.model import lora
+from lora_exp.model.load import load_base_model, resolve_model_folder
+from lora_exp.training import fastpath
+from lora_exp.training.loss import causal_lm_loss
 
 
 def _peft(dropout: float = 0.0, dtype: str = "float32"):

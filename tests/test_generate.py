@@ -13,14 +13,15 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import OFFLINE_ENV, run_cli
-from lora_exp import generate, inference
 from lora_exp.data.tasks import INSTRUCTION
+from lora_exp.inference import generate
+from lora_exp.inference import session as inference
 
 
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_run: Path):
     """The tiny run's base + adapter and tokenizer, loaded once."""
-    from lora_exp.models import load_tokenizer
+    from lora_exp.model.load import load_tokenizer
 
     run = inference.load_run(tiny_run)
     folder = inference.base_folder(run)
@@ -65,7 +66,7 @@ def test_free_text_reaches_the_config_verbatim(prompt):
     """prompt= values with commas, brackets, quotes and ${...} survive Hydra's override grammar."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lora_exp.inference import quote_free_text
+    from lora_exp.inference.session import quote_free_text
 
     args = quote_free_text([f"prompt={prompt}", "max_new_tokens=3", "system='already quoted'"], generate.FREE_TEXT_KEYS)
     parsed = OverridesParser.create().parse_overrides(args)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import compose
-from lora_exp import lora
 from lora_exp.errors import ConfigError
-from lora_exp.models import load_base_model, resolve_model_folder
+from lora_exp.model import lora
+from lora_exp.model.load import load_base_model, resolve_model_folder
 
 
 def _tiny(*overrides):

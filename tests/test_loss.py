@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_exp.loss import causal_lm_loss
+from lora_exp.training.loss import causal_lm_loss
 
 
 def _batch():

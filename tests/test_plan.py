@@ -8,8 +8,8 @@ import pytest
 
 from conftest import compose, run_cli, train_cli
 from lora_exp.errors import ConfigError
-from lora_exp.memprobe import MEMORY_FILE
-from lora_exp.planner import GIB, make_plan
+from lora_exp.planning.memprobe import MEMORY_FILE
+from lora_exp.planning.planner import GIB, make_plan
 
 # Published PEFT figures for Llama-3.1-8B (TRAPS.md): (rank, targets) -> (trainable, all params)
 LLAMA_8B = {
@@ -114,7 +114,7 @@ def test_memory_estimate_of_the_default_model_matches_a_measured_cpu_run(tmp_pat
         "trainer.limit_val_batches=0",
         "logger=none",
         "callbacks=none",
-        "+callbacks.peak_memory._target_=lora_exp.memprobe.PeakMemory",
+        "+callbacks.peak_memory._target_=lora_exp.planning.memprobe.PeakMemory",
         env={"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
     )
     measured = json.loads((run_dir / MEMORY_FILE).read_text())

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import compose, train_cli
-from lora_exp import lora
 from lora_exp import metrics as M
-from lora_exp.config import validate
+from lora_exp.config.validate import validate
 from lora_exp.errors import ConfigError
-from lora_exp.models import load_base_model, resolve_model_folder
+from lora_exp.model import lora
+from lora_exp.model.load import load_base_model, resolve_model_folder
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -68,7 +68,7 @@ def test_qlora_trains_on_cpu_through_the_cli(tmp_path):
 
 
 def test_int8_trains_in_process(tmp_path):
-    from lora_exp.training import train
+    from lora_exp.training.run import train
 
     cfg = compose(
         "model=tiny_llama",

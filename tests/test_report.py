@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_exp import metrics as M
-from lora_exp import report
+from lora_exp.reporting import report
 
 
 @pytest.mark.parametrize(

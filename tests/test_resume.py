@@ -34,7 +34,8 @@ RUN = (
 KILLER = r"""
 import os, signal, sys
 import torch
-from lora_exp import callbacks, resume
+from lora_exp.training import callbacks
+from lora_exp.training import resume
 
 kill_after_step = int(os.environ.get("KILL_AFTER_STEP", "-1"))
 kill_in_save = int(os.environ.get("KILL_IN_SAVE", "-1"))
@@ -91,7 +92,7 @@ def status_eventually(run_dir: Path, wanted: str, seconds: float = 20) -> str:
 
 
 def results(run_dir: Path) -> dict:
-    from lora_exp.reproduce import comparable
+    from lora_exp.runs.reproduce import comparable
 
     record = json.loads((run_dir / "metrics.json").read_text())
     return {k: v for k, v in record.items() if comparable(k, v)}
@@ -109,7 +110,7 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def test_sigkill_during_checkpoint_write_and_mid_run_then_resume_is_bitwise_equal(uninterrupted, tmp_path):
-    from lora_exp.resume import latest_checkpoint
+    from lora_exp.training.resume import latest_checkpoint
 
     run_dir = tmp_path / "run"
     # 1) killed halfway through writing step 6's checkpoint (the 3rd file; step 3 wrote
@@ -158,7 +159,7 @@ def test_resume_with_other_overrides_is_refused(uninterrupted, tmp_path):
 
 
 def test_run_json_fingerprints_the_run(uninterrupted):
-    from lora_exp.rundir import adapter_hash
+    from lora_exp.runs.rundir import adapter_hash
 
     run = json.loads((uninterrupted / "run.json").read_text())
     assert run["command"][:3] == ["python", "-m", "lora_exp.train"] and run["seed"] == 0
@@ -192,7 +193,7 @@ def test_reproduce_repeats_the_run_bit_for_bit(uninterrupted, tmp_path):
     report = json.loads((out / "reproduce.json").read_text())
     assert report["matches"] and report["mismatched_metrics"] == []
     # the smallest difference in a result counts on CPU
-    from lora_exp.reproduce import compare_metrics
+    from lora_exp.runs.reproduce import compare_metrics
 
     record = json.loads((uninterrupted / "metrics.json").read_text())
     record["val/loss"] += 1e-9

@@ -12,10 +12,10 @@ import torch
 
 from conftest import compose
 from lora_exp import metrics as M
-from lora_exp.config import validate
+from lora_exp.config.validate import validate
 from lora_exp.data.packing import PackCollator, PadCollator
 from lora_exp.errors import ConfigError
-from lora_exp.loss import LOSSES
+from lora_exp.training.loss import LOSSES
 
 
 def _rows() -> list[dict]:

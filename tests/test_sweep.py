@@ -11,7 +11,7 @@ import pytest
 
 from conftest import compose, run_cli
 from lora_exp import metrics as M
-from lora_exp.rundir import read_metrics
+from lora_exp.runs.rundir import read_metrics
 
 # 2 ranks x 2 target sets x 2 seeds; `bad-name` is rejected by validation: 4 runs train, 4 fail
 GRID = ("lora.r=4,8", "lora.target_modules=qv,bad-name", "seed=0,1")
@@ -89,7 +89,7 @@ def test_report_rows_and_aggregates_come_from_the_runs(sweep):
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 4  # (r, targets) configurations; seeds aggregated
     # every metric column names a real key of lora_exp.metrics
-    from lora_exp.report import STATS, stat_columns
+    from lora_exp.reporting.report import STATS, stat_columns
 
     cols = stat_columns(df)
     assert cols and {m for m, _ in cols} <= set(M.REPORT_METRICS)
@@ -128,7 +128,7 @@ def test_out_of_memory_in_a_sweep_point_is_recorded_as_failed(tmp_path, monkeypa
     import torch
     import wandb
 
-    from lora_exp import training
+    from lora_exp.training import run as training
 
     def out_of_memory(*args, **kwargs):
         wandb.init(mode="offline", dir=str(tmp_path), project="t")  # the point's W&B run had started

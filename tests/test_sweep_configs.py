@@ -10,8 +10,8 @@ from omegaconf import OmegaConf
 
 from conftest import CONF, ROOT, compose
 from lora_exp import metrics as M
-from lora_exp.config import validate
-from lora_exp.sweep import register_resolvers
+from lora_exp.config.resolvers import register_resolvers
+from lora_exp.config.validate import validate
 
 SWEEPS = ROOT / "sweeps"
 HYDRA_SWEEPS = sorted(p for p in SWEEPS.glob("*.yaml") if "defaults" in yaml.safe_load(p.read_text()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import run_cli
 from lora_exp import metrics as M
-from lora_exp.rundir import read_metrics
+from lora_exp.runs.rundir import read_metrics
 
 
 def test_submitit_local_launcher_runs_a_two_point_sweep(tmp_path):

@@ -50,8 +50,8 @@ def test_adapter_reloads_in_plain_peft_with_the_trained_logits(default_run: Path
     from peft import AutoPeftModelForCausalLM
 
     from lora_exp.data.datamodule import InstructionDataModule
-    from lora_exp.loss import causal_lm_loss
-    from lora_exp.models import load_tokenizer
+    from lora_exp.model.load import load_tokenizer
+    from lora_exp.training.loss import causal_lm_loss
 
     adapter = default_run / "adapter"
     base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
@@ -148,7 +148,7 @@ def test_gradient_accumulation_weights_every_token_equally(tmp_path: Path):
     from conftest import compose
     from lora_exp.data.datamodule import InstructionDataModule
     from lora_exp.data.templating import IGNORE_INDEX
-    from lora_exp.models import load_tokenizer, resolve_model_folder
+    from lora_exp.model.load import load_tokenizer, resolve_model_folder
 
     counts = [" ".join(str(i) for i in range(1, n + 1)) for n in range(1, 17)]
     records = [{"prompt": f"Count to {n}.", "response": text} for n, text in enumerate(counts, 1)]

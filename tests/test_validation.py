@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import compose, train_cli
-from lora_exp.config import override_problems, validate
+from lora_exp.config.validate import override_problems, validate
 from lora_exp.errors import ConfigError
 
 
@@ -75,7 +75,7 @@ def test_target_modules_are_checked_against_the_real_model():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_exp.lora import wrap
+    from lora_exp.model.lora import wrap
 
     cfg = compose("model=tiny_llama", "lora.target_modules=[q_proj,qkv_proj]")
     model = LlamaForCausalLM(LlamaConfig(**{**dict(cfg.model.config), "vocab_size": 64}))

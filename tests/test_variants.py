@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import compose
-from lora_exp import lora
 from lora_exp import metrics as M
-from lora_exp.rundir import INITIAL_ADAPTER_DIR
+from lora_exp.model import lora
+from lora_exp.runs.rundir import INITIAL_ADAPTER_DIR
 
 COMMON = (
     "model=tiny_llama",
@@ -47,7 +47,7 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from lora_exp.training import train
+    from lora_exp.training.run import train
 
     done: dict[str, tuple[Path, dict, object]] = {}
 
@@ -106,8 +106,8 @@ def test_base_mutating_init_saves_a_plain_lora_adapter_of_the_original_base(run,
     from peft import PeftModel
 
     from lora_exp.data.datamodule import InstructionDataModule
-    from lora_exp.loss import causal_lm_loss
-    from lora_exp.models import load_base_model, load_tokenizer, resolve_model_folder
+    from lora_exp.model.load import load_base_model, load_tokenizer, resolve_model_folder
+    from lora_exp.training.loss import causal_lm_loss
 
     run_dir, record, cfg = run(name)
     config, _ = _adapter(run_dir)
@@ -136,8 +136,8 @@ def test_loraplus_trains_b_faster_than_plain_lora(run):
 
 
 def test_loraplus_optimizer_groups_follow_the_ratio():
-    from lora_exp.models import load_base_model, resolve_model_folder
-    from lora_exp.module import loraplus_optimizer
+    from lora_exp.model.load import load_base_model, resolve_model_folder
+    from lora_exp.training.module import loraplus_optimizer
 
     cfg = compose("model=tiny_llama", "optim=loraplus", "optim.lr=2e-4")
     model = lora.wrap(load_base_model(cfg.model, resolve_model_folder(cfg.model)), cfg.lora)
@@ -153,7 +153,7 @@ def test_loraplus_optimizer_groups_follow_the_ratio():
 
 
 def test_modules_to_save_trains_and_saves_whole_modules(run):
-    from lora_exp.models import load_base_model, resolve_model_folder
+    from lora_exp.model.load import load_base_model, resolve_model_folder
 
     run_dir, record, cfg = run("modules_to_save")
     config, weights = _adapter(run_dir)
@@ -170,7 +170,7 @@ def test_modules_to_save_trains_and_saves_whole_modules(run):
 
 
 def test_all_linear_adapts_every_projection(run):
-    from lora_exp.models import load_base_model, resolve_model_folder
+    from lora_exp.model.load import load_base_model, resolve_model_folder
 
     run_dir, record, cfg = run("all_linear")
     config, _ = _adapter(run_dir)
@@ -188,8 +188,8 @@ def _grads(*overrides):
     """LoRA gradients of one batch through the project's loss."""
     import lightning as L
 
-    from lora_exp.loss import causal_lm_loss
-    from lora_exp.models import load_base_model, resolve_model_folder
+    from lora_exp.model.load import load_base_model, resolve_model_folder
+    from lora_exp.training.loss import causal_lm_loss
 
     cfg = compose("model=tiny_llama", "lora.dropout=0", *overrides)
     base = load_base_model(cfg.model, resolve_model_folder(cfg.model))
@@ -219,7 +219,7 @@ def test_gradient_checkpointing_switch_gives_the_same_gradients():
 
 def test_compile_switch_compiles_each_decoder_layer_and_keeps_parameter_names():
     """Wiring only: compiling happens at the first forward (minutes on a loaded CPU; real runs do it)."""
-    from lora_exp.models import compile_layers, decoder_layers, load_base_model, resolve_model_folder
+    from lora_exp.model.load import compile_layers, decoder_layers, load_base_model, resolve_model_folder
 
     cfg = compose("model=tiny_llama", "model.compile=true")
     model = lora.wrap(load_base_model(cfg.model, resolve_model_folder(cfg.model)), cfg.lora)

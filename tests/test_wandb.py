@@ -6,7 +6,7 @@ import pytest
 
 
 def test_unreachable_wandb_server_falls_back_to_offline(tmp_path, monkeypatch):
-    from lora_exp.loggers import finish_wandb, wandb_logger
+    from lora_exp.training.loggers import finish_wandb, wandb_logger
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # "logged in" ...
@@ -27,7 +27,7 @@ def test_report_aggregate_matches_scipy(values):
 
     from scipy import stats
 
-    from lora_exp.report import aggregate
+    from lora_exp.reporting.report import aggregate
 
     a = aggregate(values)
     assert a["n"] == len(values) and a["mean"] == pytest.approx(statistics.mean(values))

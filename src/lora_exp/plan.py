@@ -17,6 +17,7 @@ import tempfile
 import hydra
 from omegaconf import DictConfig
 
+from lora_exp import cli
 from lora_exp.config import config_dir
 
 # Filled by each job; Hydra's basic launcher runs a sweep's jobs one after another in this process.
@@ -30,9 +31,9 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lora_exp.config import validate
+    from lora_exp.config.validate import validate
     from lora_exp.errors import UserError
-    from lora_exp.planner import format_plan, make_plan
+    from lora_exp.planning.planner import format_plan, make_plan
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -44,18 +45,18 @@ def main(cfg: DictConfig) -> None:
     except UserError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"lora_exp.plan: error: {e}", file=sys.stderr, flush=True)
         if not multirun:
-            sys.exit(2)
+            cli.fail("plan", e)
+        print(f"lora_exp.plan: error: {e}", file=sys.stderr, flush=True)
         FAILED.append((label, str(e).splitlines()[0]))
         return
     PLANS.append(plan)
     print(format_plan(plan, cfg), flush=True)
 
 
-def cli() -> None:
+def run() -> None:
     """Run the Hydra app with its output folders in a temporary directory, then print the sweep table."""
-    from lora_exp.planner import format_table
+    from lora_exp.planning.planner import format_table
 
     tmp = tempfile.mkdtemp(prefix="lora-exp-plan-")
     args = sys.argv[1:]
@@ -67,7 +68,7 @@ def cli() -> None:
     ):
         if not any(a.startswith(f"{key}=") for a in args):
             extra.append(f"{key}={value}")
-    sys.argv = [sys.argv[0], *args, *extra]
+    sys.argv = [sys.argv[0], *cli.hydra_help("plan", __doc__, args), *extra]
     try:
         main()
     finally:
@@ -82,4 +83,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    run()

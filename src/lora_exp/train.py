@@ -7,14 +7,14 @@ import hydra
 from omegaconf import DictConfig
 
 from lora_exp.config import config_dir
-from lora_exp.sweep import register_resolvers
+from lora_exp.config.resolvers import register_resolvers
 
 register_resolvers()  # ${sqlite_url:...} in sweeps/optuna.yaml
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from lora_exp.training import run_cli
+    from lora_exp.training.run import run_cli
 
     return run_cli(cfg)
 
@@ -22,7 +22,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from lora_exp.config import exit_on_bad_overrides
+    from lora_exp.config.validate import exit_on_bad_overrides
 
     exit_on_bad_overrides(sys.argv[1:])  # all unknown options and keys at once, exit status 2
     main()

@@ -219,7 +219,7 @@ class InstructionDataModule(L.LightningDataModule):
         return [order[i : i + bs] for i in range(0, len(order), bs)]
 
     def train_dataloader(self) -> DataLoader:
-        from lora_exp.resume import resumable  # a checkpoint records the position inside the epoch
+        from lora_exp.training.resume import resumable  # a checkpoint records the position inside the epoch
 
         workers = self.cfg.get("num_workers", 0)
         if self.packing:

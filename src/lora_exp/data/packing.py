@@ -3,9 +3,9 @@
 Packed batches concatenate examples into one row and restart ``position_ids`` at each example,
 with no attention mask. transformers' Llama then derives a block-diagonal causal mask from the
 position ids (sdpa, eager) or uses variable-length kernels (flash-attention), so attention never
-crosses examples; with ``speed.packed_attention`` (``lora_exp.fastpath``) sdpa instead runs one
+crosses examples; with ``speed.packed_attention`` (``lora_exp.training.fastpath``) sdpa instead runs one
 causal attention per example, which costs the sum of the squared example lengths, not the square
-of the row; the loss must run with ``use_cache=False`` (``lora_exp.loss`` does), since with
+of the row; the loss must run with ``use_cache=False`` (``lora_exp.training.loss`` does), since with
 a KV cache the packed sequences are no longer detected and attention leaks. Concatenation is
 transformers' ``DataCollatorWithFlattening``, which also drops the label of each example's first
 token, so the last token of one example is never trained to predict the next example.

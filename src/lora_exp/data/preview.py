@@ -73,7 +73,7 @@ def preview(overrides: list[str], n: int, split: str = "train", tokens: bool = F
 
     from lora_exp.config import config_dir
     from lora_exp.data.datamodule import InstructionDataModule
-    from lora_exp.models import load_tokenizer, resolve_model_folder
+    from lora_exp.model.load import load_tokenizer, resolve_model_folder
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=overrides)

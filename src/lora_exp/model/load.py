@@ -209,7 +209,7 @@ def load_base_model(model_cfg, folder: str, quant_cfg=None, fsdp: bool = False):
     """
     from transformers import AutoModelForCausalLM
 
-    from lora_exp import quant
+    from lora_exp.model import quant
 
     bnb = quant.bnb_config(quant_cfg, fsdp=fsdp, model_dtype=DTYPES[model_cfg.dtype])
     extra = {} if bnb is None else {"quantization_config": bnb, "device_map": quant.device_map()}
@@ -283,11 +283,11 @@ def load_unsloth(cfg, folder: str):
     """Base model and LoRA through Unsloth's ``FastLanguageModel`` (its fused kernels, CUDA only).
 
     The same ``lora`` and ``quant`` keys apply; Unsloth's own gradient checkpointing replaces
-    transformers'. Returns a ``PeftModel`` like :func:`lora_exp.lora.wrap`.
+    transformers'. Returns a ``PeftModel`` like :func:`lora_exp.model.lora.wrap`.
     """
     from unsloth import FastLanguageModel
 
-    from lora_exp import lora, quant
+    from lora_exp.model import lora, quant
 
     mode = quant.mode(cfg)
     model, _ = FastLanguageModel.from_pretrained(

@@ -9,18 +9,16 @@ machine), rebuilt from the run's ``model`` config exactly as training found it.
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lora_exp.errors import RunDirError, UserError
-from lora_exp.rundir import ADAPTER_DIR
+from lora_exp.errors import RunDirError
+from lora_exp.runs.rundir import ADAPTER_DIR
 
 CONFIG_FILE = Path(".hydra") / "config.yaml"
 HYDRA_FILE = Path(".hydra") / "hydra.yaml"
@@ -100,7 +98,7 @@ def adapter_name(path: Path) -> str:
 
 def base_folder(run: Run) -> str:
     """The base model the adapter was trained on: its recorded folder, else rebuilt from the run's config."""
-    from lora_exp.models import resolve_model_folder
+    from lora_exp.model.load import resolve_model_folder
 
     recorded = run.adapter_config.get("base_model_name_or_path")
     if recorded and (Path(recorded) / "config.json").is_file():
@@ -140,7 +138,7 @@ def load_base(run: Run, folder: str, dtype: str | None = None):
     """
     from transformers.utils import logging as hf_logging
 
-    from lora_exp import models
+    from lora_exp.model import load as models
 
     hf_logging.disable_progress_bar()  # a bar per weight load is noise next to streamed text and tables
     # activation checkpointing only slows inference down
@@ -172,20 +170,6 @@ def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def run_app(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Call ``fn(cfg)``; a ``UserError`` becomes one line on stderr and exit code 2.
-
-    ``HYDRA_FULL_ERROR=1`` shows the full traceback instead.
-    """
-    try:
-        return fn(cfg)
-    except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"lora_exp.{command}: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def quote_free_text(argv: list[str], keys: Sequence[str]) -> list[str]:

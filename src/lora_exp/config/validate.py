@@ -1,20 +1,12 @@
-"""Config location and validation: every problem a user typed is reported at once."""
+"""Config validation: every problem a user typed is reported at once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lora_exp.config import config_dir
 from lora_exp.errors import ConfigError
-from lora_exp.models import DTYPES
-
-
-def config_dir() -> str:
-    """The Hydra config folder: shipped inside the package, or the repository's ``conf/``."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parents[1] / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"lora-exp configs not found next to {here}")
+from lora_exp.model.load import DTYPES
 
 
 def _number(
@@ -37,7 +29,7 @@ def _number(
 
 def validate(cfg) -> None:
     """Check every user-facing key before any weight is loaded; raise one ``ConfigError`` listing all problems."""
-    from lora_exp.lora import TARGET_PRESETS, resolve_target_modules
+    from lora_exp.model.lora import TARGET_PRESETS, resolve_target_modules
 
     problems: list[str] = []
     _number(cfg, "lora.r", problems, low=1, integer=True)
@@ -82,8 +74,8 @@ def _check_scale(cfg, problems: list[str]) -> None:
 
     from omegaconf import OmegaConf
 
-    from lora_exp import quant
-    from lora_exp.models import check_backend
+    from lora_exp.model import quant
+    from lora_exp.model.load import check_backend
 
     quant.check(cfg, problems)
     check_backend(cfg.model, problems)
@@ -166,7 +158,7 @@ def check_targets_and_secrets(cfg, problems: list[str]) -> None:
     """
     import os
 
-    from lora_exp.rundir import SECRET_ENV
+    from lora_exp.runs.rundir import SECRET_ENV
 
     secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k) or "") >= 8]
     for key, value in _walk(cfg):

@@ -1,6 +1,6 @@
 """The measured counterpart of ``lora_exp.plan``'s memory estimate.
 
-Add it to a run with ``+callbacks.peak_memory._target_=lora_exp.memprobe.PeakMemory``; it writes
+Add it to a run with ``+callbacks.peak_memory._target_=lora_exp.planning.memprobe.PeakMemory``; it writes
 ``memory.json`` into the run directory: the process's peak memory growth during training (on
 CPU the resident set size, on CUDA PyTorch's allocator peak) and the largest micro-batch seen,
 so ``python -m lora_exp.plan plan.seq_len=... plan.supervised_fraction=...`` can be compared

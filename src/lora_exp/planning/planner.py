@@ -6,7 +6,7 @@ figures. Peak memory is the sum of what a LoRA training step keeps alive at the 
 backward pass: frozen weights, adapter, its gradients and optimizer state, the activations
 autograd saves for the backward pass, and the loss's logits. The activation terms follow what
 autograd actually saves in transformers' Llama, PEFT's LoRA layers and our loss
-(:mod:`lora_exp.loss`); a test checks the total against a measured CPU run of the default model.
+(:mod:`lora_exp.training.loss`); a test checks the total against a measured CPU run of the default model.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def architecture(model_cfg) -> dict[str, Any]:
     if model_cfg.get("config"):
         return OmegaConf.to_container(model_cfg.config, resolve=True)
     if model_cfg.get("source") == "embedded":
-        from lora_exp.models import ensure_smollm2_folder
+        from lora_exp.model.load import ensure_smollm2_folder
 
         return json.loads((ensure_smollm2_folder() / "config.json").read_text())
     hub_id = model_cfg.get("hub_id")
@@ -182,8 +182,8 @@ def _build_meta_model(cfg):
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lora_exp import lora
-    from lora_exp.models import torch_dtype
+    from lora_exp.model import lora
+    from lora_exp.model.load import torch_dtype
 
     arch = architecture(cfg.model)
     model_type = arch.pop("model_type", "llama")
@@ -450,7 +450,7 @@ def step_shape(cfg) -> StepShape:
 
 def make_plan(cfg, label: str = "") -> Plan:
     """Build the meta model of ``cfg`` and compute every figure of its plan."""
-    from lora_exp import lora
+    from lora_exp.model import lora
 
     plan_cfg = cfg.get("plan") or {}
     device = str(plan_cfg.get("device") or "cuda")
@@ -575,7 +575,7 @@ def format_plan(plan: Plan, cfg) -> str:
 
 
 def plan_targets(cfg) -> list[str]:
-    from lora_exp.lora import resolve_target_modules
+    from lora_exp.model.lora import resolve_target_modules
 
     return resolve_target_modules(cfg.lora.target_modules)
 

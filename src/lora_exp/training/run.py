@@ -12,11 +12,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lora_exp import cli
 from lora_exp import metrics as M
-from lora_exp.config import validate
-from lora_exp.distributed import is_global_zero
+from lora_exp.config.validate import validate
 from lora_exp.errors import RunDirError, UserError
-from lora_exp.rundir import (
+from lora_exp.runs.rundir import (
     ADAPTER_DIR,
     CHECKPOINT_DIR,
     INITIAL_ADAPTER_DIR,
@@ -29,6 +29,7 @@ from lora_exp.rundir import (
     watch_for_kill,
     write_metrics,
 )
+from lora_exp.training.distributed import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,10 @@ def run_cli(cfg: DictConfig) -> float | None:
     except UserError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        if not _is_multirun():
+            cli.fail("train", e)
         print(f"lora_exp.train: error: {e}", file=sys.stderr, flush=True)
-        if _is_multirun():
-            return _sweep_point_failed(cfg, e)
-        sys.exit(2)
+        return _sweep_point_failed(cfg, e)
     except Exception as e:  # an out-of-memory or a bug in one sweep point must not stop the others
         if not _is_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -65,8 +66,8 @@ def _sweep_point_failed(cfg: DictConfig, error: BaseException) -> None:
     """
     import gc
 
-    from lora_exp.loggers import finish_wandb
-    from lora_exp.rundir import METRICS_FILE
+    from lora_exp.runs.rundir import METRICS_FILE
+    from lora_exp.training.loggers import finish_wandb
 
     finish_wandb(exit_code=1)
     run_dir = Path(cfg.paths.run_dir)
@@ -118,12 +119,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise
     except BaseException as e:
         write(run_dir, M.STATUS_FAILED, {**record, M.ERROR: f"{type(e).__name__}: {e}"})
-        from lora_exp.loggers import finish_wandb
+        from lora_exp.training.loggers import finish_wandb
 
         finish_wandb(exit_code=1)  # the W&B run shows as failed
         raise
     finally:
-        from lora_exp.loggers import finish_wandb
+        from lora_exp.training.loggers import finish_wandb
 
         finish_wandb()
         if watcher is not None:  # only now, with the final status on disk
@@ -173,12 +174,14 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], previous: dic
     import hydra
     import lightning as L
 
-    from lora_exp import distributed, fastpath, lora, resume, rundir
-    from lora_exp.callbacks import Throughput
     from lora_exp.data.datamodule import InstructionDataModule
-    from lora_exp.loggers import HistoryLogger, wandb_loggers, wandb_record
-    from lora_exp.models import compile_layers, load_base_model, load_tokenizer, load_unsloth, resolve_model_folder
-    from lora_exp.module import LoraModule
+    from lora_exp.model import lora
+    from lora_exp.model.load import compile_layers, load_base_model, load_tokenizer, load_unsloth, resolve_model_folder
+    from lora_exp.runs import rundir
+    from lora_exp.training import distributed, fastpath, resume
+    from lora_exp.training.callbacks import Throughput
+    from lora_exp.training.loggers import HistoryLogger, wandb_loggers, wandb_record
+    from lora_exp.training.module import LoraModule
 
     started = time.perf_counter()
     _quiet_lightning()
@@ -311,8 +314,8 @@ def _export_last_good_adapter(module, run_dir: Path, initial_adapter: Path | Non
     """After a non-finite loss: save the adapter of the newest checkpoint, reached with finite losses only."""
     import torch
 
-    from lora_exp import lora
-    from lora_exp.resume import latest_checkpoint
+    from lora_exp.model import lora
+    from lora_exp.training.resume import latest_checkpoint
 
     ckpt = latest_checkpoint(run_dir / CHECKPOINT_DIR)
     if ckpt is None:
@@ -334,7 +337,7 @@ def _unprefixed(state_dict: dict) -> dict:
 
 def _sample_generations(loggers: list, tokenizer, datamodule):
     """A callback generating replies to the first held-out prompts, when a W&B logger wants them."""
-    from lora_exp.loggers import SampleGenerations, wandb_loggers
+    from lora_exp.training.loggers import SampleGenerations, wandb_loggers
 
     wanted = max((lg.num_samples for lg in wandb_loggers(loggers)), default=0)
     if wanted <= 0:

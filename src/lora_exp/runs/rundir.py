@@ -197,7 +197,7 @@ def model_fingerprint(folder_or_id: str, model_cfg=None) -> dict[str, Any]:
     if not folder.is_dir():
         revision = (model_cfg.get("revision") if model_cfg is not None else None) or _hub_revision(folder_or_id)
         return {"hub_id": folder_or_id, "revision": revision}
-    from lora_exp.models import cache_root
+    from lora_exp.model.load import cache_root
 
     cache_file = cache_root() / "fingerprints.json"
     try:
@@ -313,7 +313,7 @@ def git_state(repo: Path | None = None) -> dict[str, Any]:
 
 def redact_argv(argv: list[str]) -> list[str]:
     """The command line with any value of a secret-looking key or a secret's value replaced."""
-    from lora_exp.config import is_secret_key
+    from lora_exp.config.validate import is_secret_key
 
     secrets = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
     out = []

@@ -9,9 +9,9 @@ import lightning as L
 import torch
 from torchmetrics import SumMetric
 
-from lora_exp import fastpath
 from lora_exp import metrics as M
-from lora_exp.loss import LOSSES, causal_lm_loss
+from lora_exp.training import fastpath
+from lora_exp.training.loss import LOSSES, causal_lm_loss
 
 
 class LoraModule(L.LightningModule):
@@ -26,7 +26,7 @@ class LoraModule(L.LightningModule):
     ):
         super().__init__()
         self.model = model
-        self.lean_casts = lean_casts  # speed.no_input_cast: see lora_exp.fastpath
+        self.lean_casts = lean_casts  # speed.no_input_cast: see lora_exp.training.fastpath
         # gradients of summed token losses, divided by the window's supervised tokens before each
         # optimizer step (see on_before_optimizer_step); the scale keeps magnitudes as for a mean
         self.token_norm: float | None = None

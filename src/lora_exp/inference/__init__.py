@@ -1,0 +1,1 @@
+"""Using trained adapters: loading base + adapter (``session``), evaluate, generate, export."""

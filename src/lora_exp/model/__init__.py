@@ -1,0 +1,1 @@
+"""Base models: loading (``load``), LoRA wrapping through PEFT (``lora``), quantization (``quant``)."""

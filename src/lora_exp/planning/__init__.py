@@ -1,0 +1,1 @@
+"""Dry runs: parameter counts and memory estimates without loading weights."""

@@ -1,0 +1,1 @@
+"""Run directories: their layout and records (``rundir``), re-running a finished run (``reproduce``)."""
