@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_exp.inference.session.export import EXPORT_FILE
+from lora_exp.inference.export import EXPORT_FILE
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
