@@ -37,7 +37,17 @@ def problems(*overrides: str) -> list[str]:
         ("lora.target_modules=[]", "lora.target_modules is empty"),
         ("quant.mode=int3", "quant.mode='int3'"),
         ("+logger.csv.api_key=abc123", "logger.csv.api_key: looks like a secret"),
-        ("optim.optimizer._target_=os.system", "optim.optimizer._target_=os.system: not an allowed target"),
+        (
+            "optim.optimizer._target_=torch.optim.AdamWW",
+            "optim.optimizer._target_=torch.optim.AdamWW: cannot import it (ModuleNotFoundError",
+        ),
+        ("+callbacks.mine._target_=no_such_pkg.Cb", "callbacks.mine._target_=no_such_pkg.Cb: cannot import it"),
+        ("optim.scheduler._target_=math.pi", "optim.scheduler._target_=math.pi: imports, but is a float"),
+        ("loss.impl=fastest", "loss.impl='fastest': expected one of"),
+        ("model.dtype=int4", "model.dtype='int4': expected one of"),
+        ("model.compile=maybe", "model.compile='maybe': expected true or false"),
+        ("trainer.devices=0", "trainer.devices=0: must be >= 1"),
+        ("optim.warmup_ratio=1.5", "optim.warmup_ratio=1.5: must be <= 1"),
     ],
 )
 def test_each_bad_value_is_named(override, message):
