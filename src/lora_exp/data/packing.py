@@ -108,17 +108,24 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+# flash-attention varlen arguments of DataCollatorWithFlattening(return_flash_attn_kwargs=True)
+FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 class PackCollator:
     """Concatenate a list of examples into one padding-free row with restarting ``position_ids``."""
 
-    def __init__(self):
+    def __init__(self, flash_attn_kwargs: bool = False):
         from transformers import DataCollatorWithFlattening
 
-        self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        self.flatten = DataCollatorWithFlattening(
+            return_position_ids=True, separator_id=IGNORE_INDEX, return_flash_attn_kwargs=flash_attn_kwargs
+        )
+        self.keys = ("input_ids", "labels", "position_ids") + (FLASH_KEYS if flash_attn_kwargs else ())
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         out = self.flatten([{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows])
-        return {k: out[k].long() for k in ("input_ids", "labels", "position_ids")}
+        return {k: out[k].long() if k in ("input_ids", "labels", "position_ids") else out[k] for k in self.keys}
 
 
 def padding_fraction(batches: list[list[int]], lengths: Sequence[int], packed: bool) -> float:

@@ -61,6 +61,10 @@ def evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     model = inference.attach_adapters(inference.load_base(first, folder), runs)
     module = LoraModule(model, first.cfg.optim, first.cfg.loss.chunk_size)
     precision = cfg.precision or first.cfg.trainer.get("precision") or "32-true"
+    if precision == "auto":  # as a run on this device would pick (lora_exp.model.precision)
+        from lora_exp.model.precision import choose, detect
+
+        precision = choose(detect(cfg.accelerator)).trainer_precision
     trainer = L.Trainer(
         accelerator=cfg.accelerator,
         devices=1,

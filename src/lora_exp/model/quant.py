@@ -32,10 +32,10 @@ def check(cfg, problems: list[str]) -> None:
         problems.append(f"quant={m} needs bitsandbytes: {INSTALL}")
     if m != "none" and cfg.model.get("backend", "hf") != "hf":
         return  # Unsloth quantizes on its own; see models.load_unsloth
-    if m == "nf4" and cfg.quant.bnb.get("bnb_4bit_compute_dtype") not in (None, "bfloat16", "float16", "float32"):
+    if m == "nf4" and cfg.quant.bnb.get("bnb_4bit_compute_dtype") not in (None, "auto", "bfloat16", "float16", "float32"):
         problems.append(
             f"quant.bnb.bnb_4bit_compute_dtype={cfg.quant.bnb.bnb_4bit_compute_dtype!r}: "
-            "expected bfloat16, float16 or float32"
+            "expected auto, bfloat16, float16 or float32"
         )
 
 

@@ -10,7 +10,10 @@ Three levers, each measured in ``benchmarks/speed.py`` and each checked against 
   :data:`SHORT_SEGMENT` tokens take a grouped-query matmul + fp32 softmax, which for such lengths
   is about twice as fast (forward + backward) as torch's CPU flash kernel; longer ones take
   ``scaled_dot_product_attention`` with ``is_causal``. Unpacked batches and decoding go to
-  transformers' own sdpa unchanged.
+  transformers' own sdpa unchanged, and so do CUDA tensors: on a GPU a Python loop over examples
+  per layer would cost more than it saves, so a packed row takes one sdpa call under the
+  block-diagonal mask, or flash-attention's variable-length kernel with
+  ``model.attn_implementation=flash_attention_2`` (the ``auto`` choice when flash-attn is installed).
 - ``speed.lora_dropout``: LoRA dropout masks drawn from 15 random bits per element (four elements
   per 64-bit draw). torch's CPU dropout draws a float per element, ~10x slower; it was 13% of a
   CPU training step. The keep probability is ``1 - round(p * 2**15) / 2**15`` (0.049988 for
@@ -86,7 +89,8 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
     pos = kwargs.get("position_ids")
     n = query.shape[2]
     packed = (
-        pos is not None
+        query.device.type == "cpu"  # GPUs: one sdpa call over the row (or flash varlen), never a Python loop
+        and pos is not None
         and pos.dim() == 2
         and pos.shape == (1, n)
         and query.shape[0] == 1
@@ -100,11 +104,10 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
-    on_cpu = query.device.type == "cpu"
     outs = []
     for a, b in seg:
         q, k, v = query[:, :, a:b], key[:, :, a:b], value[:, :, a:b]
-        if on_cpu and b - a < SHORT_SEGMENT:
+        if b - a < SHORT_SEGMENT:
             outs.append(_short_causal(q[0], k[0], v[0], scaling).transpose(0, 1))
         else:
             out, _ = sdpa_attention_forward(module, q, k, v, None, scaling=scaling, is_causal=True)

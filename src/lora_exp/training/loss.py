@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from lora_exp.data.packing import FLASH_KEYS
 from lora_exp.data.templating import IGNORE_INDEX
 
 
@@ -26,8 +27,28 @@ class LossOutput:
     n_examples: torch.Tensor | None = None  # examples with at least one supervised token
 
 
+def flash_kwargs(batch: dict) -> dict:
+    """flash-attention's variable-length arguments of a padding-free batch, when the collator made them."""
+    return {k: batch[k] for k in FLASH_KEYS if k in batch}
+
+
 def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _supervised_hidden(causal_lm, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backbone's last hidden states at supervised (shifted) positions, their targets, and the mask."""
+    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
+    out = backbone(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+        **flash_kwargs(batch),
+    )
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    return out.last_hidden_state[:, :-1][mask], targets[mask], mask
 
 
 def causal_lm_loss(peft_model, batch: dict, chunk_size: int = 4096, with_accuracy: bool = False) -> LossOutput:
@@ -42,20 +63,9 @@ def causal_lm_loss(peft_model, batch: dict, chunk_size: int = 4096, with_accurac
             fully-correct example is exactly what greedy decoding would produce).
     """
     causal_lm = peft_model.get_base_model()
-    backbone = getattr(causal_lm, causal_lm.base_model_prefix)
     head = causal_lm.get_output_embeddings()
-    out = backbone(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    )
-    hidden = out.last_hidden_state[:, :-1]
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
+    hidden, targets, mask = _supervised_hidden(causal_lm, batch)
     rows = mask.nonzero()[:, 0]
-    hidden = hidden[mask]
-    targets = targets[mask]
     loss_sum = hidden.new_zeros((), dtype=torch.float32)
     hits = []
     for h, t in zip(hidden.split(chunk_size), targets.split(chunk_size)):
@@ -91,9 +101,28 @@ def full_logits_loss(peft_model, batch: dict, chunk_size: int = 4096) -> LossOut
         position_ids=batch.get("position_ids"),
         labels=batch["labels"],
         use_cache=False,
+        **flash_kwargs(batch),
     )
     n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
     return LossOutput(out.loss.float() * n_tokens, n_tokens)
 
 
-LOSSES = {"chunked": causal_lm_loss, "full": full_logits_loss}
+def liger_loss(peft_model, batch: dict, chunk_size: int = 4096) -> LossOutput:
+    """Liger's fused linear cross-entropy (CUDA, ``pip install liger-kernel``) at supervised positions.
+
+    The LM head and the cross-entropy run as one Triton kernel that never materialises the logits.
+    Where the head is not a plain ``Linear`` (LoRA on ``lm_head``, ``modules_to_save``), the chunked
+    loss is used instead, since Liger reads the head's weight directly.
+    """
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    causal_lm = peft_model.get_base_model()
+    head = causal_lm.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return causal_lm_loss(peft_model, batch, chunk_size)
+    hidden, targets, mask = _supervised_hidden(causal_lm, batch)
+    loss_sum = LigerFusedLinearCrossEntropyLoss(reduction="sum")(head.weight, hidden, targets, head.bias)
+    return LossOutput(loss_sum.float(), mask.sum())
+
+
+LOSSES = {"chunked": causal_lm_loss, "full": full_logits_loss, "liger": liger_loss}
