@@ -1,8 +1,9 @@
-"""Every named sweep in sweeps/ composes, sweeps real keys and optimises a real metric (no training)."""
+"""Every named sweep (the ``hparams_search`` group) composes, sweeps real keys and optimises a real metric.
+
+No training here; ``test_named_sweep_runs_from_any_directory`` in test_sweep.py runs one.
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import yaml
@@ -14,25 +15,27 @@ from lora_exp.config.resolvers import register_resolvers
 from lora_exp.config.validate import validate
 
 SWEEPS = ROOT / "sweeps"
-HYDRA_SWEEPS = sorted(p for p in SWEEPS.glob("*.yaml") if "defaults" in yaml.safe_load(p.read_text()))
+NAMED = sorted(p.stem for p in (CONF / "hparams_search").glob("*.yaml"))
 WANDB_SWEEPS = sorted(p for p in SWEEPS.glob("*.yaml") if "command" in yaml.safe_load(p.read_text()))
 
 
-def compose_sweep(name: str, *overrides: str, hydra_node: bool = True):
-    """Compose ``sweeps/<name>.yaml`` as ``python -m lora_exp.train -cd sweeps -cn <name>`` would.
+def compose_sweep(name: str, *overrides: str, hydra_node: bool = True, old_spelling: bool = False):
+    """Compose ``hparams_search=<name>`` as ``python -m lora_exp.train hparams_search=<name>`` would.
 
-    With ``hydra_node=False`` the result is what a job receives (no ``hydra`` key).
+    With ``old_spelling``, ``sweeps/<name>.yaml`` as ``-cd sweeps -cn <name>`` would. With
+    ``hydra_node=False`` the result is what a job receives (no ``hydra`` key).
     """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_resolvers()
-    with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
-        return hydra_compose(
-            name,
-            overrides=[f"hydra.searchpath=[file://{CONF}]", *overrides],
-            return_hydra_config=hydra_node,
-        )
+    if old_spelling:
+        with initialize_config_dir(config_dir=str(SWEEPS), version_base="1.3"):
+            return hydra_compose(
+                name, overrides=[f"hydra.searchpath=[file://{CONF}]", *overrides], return_hydra_config=hydra_node
+            )
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=[f"hparams_search={name}", *overrides], return_hydra_config=hydra_node)
 
 
 def _first_value(spec: str) -> str:
@@ -45,34 +48,41 @@ def _first_value(spec: str) -> str:
     return spec.split(",")[0].strip()
 
 
-def test_every_sweep_file_is_known():
-    assert {p.name for p in HYDRA_SWEEPS} >= {
-        "rank_alpha.yaml",
-        "target_modules.yaml",
-        "seeds.yaml",
-        "full_grid.yaml",
-        "optuna.yaml",
-    }
+def test_every_named_sweep_is_known_and_the_old_spelling_still_works():
+    assert NAMED == ["full_grid", "optuna", "rank_alpha", "seeds", "target_modules"]
+    for path in (CONF / "hparams_search").glob("*.yaml"):  # a group of global deltas, as experiment/ is
+        assert path.read_text().startswith("# @package _global_"), path
+    # sweeps/: the W&B spec and one file per named sweep for `-cd sweeps -cn NAME`
     assert [p.name for p in WANDB_SWEEPS] == ["wandb_sweep.yaml"]
-    assert len(HYDRA_SWEEPS) + len(WANDB_SWEEPS) == len(list(SWEEPS.glob("*.yaml")))
+    assert sorted(p.stem for p in SWEEPS.glob("*.yaml")) == sorted([*NAMED, "wandb_sweep"])
+    for name in NAMED:
+        new = OmegaConf.to_container(compose_sweep(name, hydra_node=False), resolve=False)
+        old = OmegaConf.to_container(compose_sweep(name, hydra_node=False, old_spelling=True), resolve=False)
+        assert new == old, name
+        assert compose_sweep(name, old_spelling=True).hydra.sweeper.params == compose_sweep(name).hydra.sweeper.params
 
 
-@pytest.mark.parametrize("path", HYDRA_SWEEPS, ids=lambda p: p.stem)
-def test_hydra_sweep_composes_and_sweeps_real_keys(path: Path):
-    cfg = compose_sweep(path.stem)
+@pytest.mark.parametrize("name", NAMED)
+def test_hydra_sweep_composes_and_sweeps_real_keys(name: str):
+    cfg = compose_sweep(name)
     assert cfg.hydra.mode.name == "MULTIRUN"
-    assert path.stem in cfg.hydra.sweep.dir  # each named sweep writes its own sweep directory
+    assert name in cfg.hydra.sweep.dir  # each named sweep writes its own sweep directory
     params = OmegaConf.to_container(cfg.hydra.sweeper.params)
     assert params
     for key in params:
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent) if parent else cfg
-        assert node is not None and leaf in node, f"{path.name}: sweeps {key}, which is not a config key"
+        assert node is not None and leaf in node, f"{name}: sweeps {key}, which is not a config key"
     # the objective is a real metric with a known direction
     assert cfg.optimized_metric in M.GOALS, cfg.optimized_metric
     # one concrete point of the sweep is a valid config
-    point = compose_sweep(path.stem, *(f"{k}={_first_value(v)}" for k, v in params.items()), hydra_node=False)
+    point = compose_sweep(name, *(f"{k}={_first_value(v)}" for k, v in params.items()), hydra_node=False)
     validate(point)
+
+
+def test_an_experiment_holds_under_a_named_sweep():
+    cfg = compose_sweep("rank_alpha", "experiment=json_extract_r32", hydra_node=False)
+    assert cfg.lora.target_modules == "all_linear" and cfg.optim.lr == 5.0e-4
 
 
 def test_optuna_sweep_is_resumable_and_minimises_the_objective(tmp_path):

@@ -8,14 +8,15 @@ from lora_exp.config import config_dir
 from lora_exp.config.security import is_secret_key  # noqa: F401  (re-exported: runs.rundir redacts with it)
 from lora_exp.errors import ConfigError
 
-# Each subpackage declares the keys it reads (``Check`` rows, see config/schema.py) in a
-# ``check(cfg, problems)``; validation runs them all and reports every problem at once.
+# Each subpackage declares the keys it reads (``Check`` rows, see config/schema.py) and checks
+# them in a ``check(node, problems)``; ``validate`` runs them all and reports every problem at
+# once. (module, the config node it is given: None for the whole config)
 GROUP_CHECKS = (
-    "lora_exp.model.checks",  # model.*, quant.*
-    "lora_exp.model.lora",  # lora.*
-    "lora_exp.data.checks",  # data.*
-    "lora_exp.training.checks",  # trainer.*, optim.*, loss, speed, checkpoint, resume, seed
-    "lora_exp.config.security",  # every _target_ imports; no secret in the config
+    ("lora_exp.model.checks", None),  # model.*, quant.*
+    ("lora_exp.model.lora", "lora"),  # lora.*: every LoraConfig field, PEFT's aliases
+    ("lora_exp.data.checks", None),  # data.*
+    ("lora_exp.training.checks", None),  # trainer.*, optim.*, loss, speed, checkpoint, resume, seed
+    ("lora_exp.config.security", None),  # every _target_ imports; no secret in the config
 )
 
 
@@ -24,13 +25,8 @@ def validate(cfg) -> None:
     import importlib
 
     problems: list[str] = []
-    for name in GROUP_CHECKS:
-        module = importlib.import_module(name)
-        if name == "lora_exp.model.lora" and not hasattr(module, "check"):  # interim, see model/checks.py
-            module = importlib.import_module("lora_exp.model.checks")
-            module.check_lora(cfg, problems)
-            continue
-        module.check(cfg, problems)
+    for module, node in GROUP_CHECKS:
+        importlib.import_module(module).check(cfg if node is None else cfg[node], problems)
     if problems:
         raise ConfigError(problems)
 
@@ -75,6 +71,8 @@ def override_problems(args: list[str], config_name: str = "train") -> list[str]:
             from hydra import compose, initialize_config_dir
             from omegaconf import OmegaConf
 
+            from lora_exp.model import lora
+
             with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
                 cfg = compose(config_name, overrides=[g for g in groups if "," not in g])
             for key in keys:
@@ -83,7 +81,9 @@ def override_problems(args: list[str], config_name: str = "train") -> list[str]:
                 if node is None or not OmegaConf.is_dict(node) or leaf not in node:
                     near = sorted(node.keys()) if OmegaConf.is_dict(node) else []
                     hint = f"; keys under {parent or 'the top level'} are {near}" if near else ""
-                    problems.append(f"{key}: no such config key{hint} (use +{key}=... to add a new one)")
+                    near_lora = parent == "lora" and lora.closest_setting(leaf)  # +lora.<leaf> is refused too
+                    add = f"; did you mean {near_lora}?" if near_lora else f" (use +{key}=... to add a new one)"
+                    problems.append(f"{key}: no such config key{hint}{add}")
         except Exception:
             pass  # composition itself failed: Hydra reports why
     return problems

@@ -32,35 +32,3 @@ def check(cfg, problems: list[str]) -> None:
     if cfg.model.get("backend", "hf") in BACKENDS:  # a bad name is already listed above
         check_backend(cfg.model, problems)
 
-
-# Until model/lora.py declares its own ``check`` (issue 13 item 5 moves it there), the lora keys
-# are declared here; ``lora_exp.config.validate`` prefers ``lora.check`` as soon as it exists.
-LORA_CHECKS = (
-    Check("lora.r", "int", low=1),
-    Check("lora.alpha", "number", low=0, low_open=True),
-    Check("lora.dropout", "number", low=0, high=1, high_open=True),
-    Check(
-        "lora.init",
-        "choice",
-        choices=("default", "gaussian", "pissa", "olora", "eva", None),
-        prefixes=("pissa_niter_",),
-        default="default",
-    ),
-)
-
-
-def check_lora(cfg, problems: list[str]) -> None:
-    """The ``lora`` rows above, and ``lora.target_modules`` as a preset or module names."""
-    from lora_exp.model.lora import TARGET_PRESETS, resolve_target_modules
-
-    run_checks(cfg, LORA_CHECKS, problems)
-    try:
-        targets = resolve_target_modules(cfg.lora.target_modules)
-    except Exception as e:
-        problems.append(f"lora.target_modules: {e}")
-        return
-    if not targets:
-        problems.append("lora.target_modules is empty")
-    bad = [t for t in targets if not t.replace("_", "").replace(".", "").isalnum()]
-    if bad:
-        problems.append(f"lora.target_modules={bad}: not module names; presets are {sorted(TARGET_PRESETS)}")
