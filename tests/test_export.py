@@ -81,9 +81,9 @@ def test_qlora_adapter_merges_into_the_dequantized_base(qlora_run: Path, tmp_pat
 
 @pytest.mark.slow
 def test_default_model_export_parity(default_run: Path, tmp_path: Path):
-    """SmolLM2 + adapter merged in float32 and saved in the run's bf16: logits as before the merge."""
+    """SmolLM2 + adapter merged in float32 and saved in bf16 (export's dtype=): logits as before the merge."""
     out = tmp_path / "merged"
-    run_cli("lora_exp.export", f"run_dir={default_run}", f"out={out}", cwd=tmp_path)
+    run_cli("lora_exp.export", f"run_dir={default_run}", f"out={out}", "dtype=bfloat16", cwd=tmp_path)
     record = json.loads((out / EXPORT_FILE).read_text())
     assert record["dtype"] == "bfloat16"
     assert record["max_abs_logit_diff/merged_float32"] < 1e-3

@@ -56,20 +56,22 @@ def test_adapter_reloads_in_plain_peft_with_the_trained_logits(default_run: Path
     adapter = default_run / "adapter"
     base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert Path(base_path).is_dir()  # a real local folder, not a hub id
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch.bfloat16).eval()
+    recorded = json.loads((default_run / "metrics.json").read_text())
+    dtype = getattr(torch, recorded["precision/model_dtype"])  # what `auto` picked for the run on this machine
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=dtype).eval()
     cfg = OmegaConf.load(default_run / ".hydra" / "config.yaml")
     dm = InstructionDataModule(cfg.data, load_tokenizer(base_path), cfg.seed)
     dm.setup("validate")
     loss_sum = tokens = 0.0
     base_sum = 0.0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    autocast = recorded["precision/trainer"] == "bf16-mixed"
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         for batch in dm.val_dataloader():
             out = causal_lm_loss(model, batch)
             loss_sum += out.loss_sum.item()
             tokens += out.n_tokens.item()
             with model.disable_adapter():
                 base_sum += causal_lm_loss(model, batch).loss_sum.item()
-    recorded = json.loads((default_run / "metrics.json").read_text())
     assert loss_sum / tokens == pytest.approx(recorded[M.VAL_LOSS], rel=1e-3)
     assert base_sum / tokens == pytest.approx(recorded[M.base(M.VAL_LOSS)], rel=1e-3)
     weights = load_file(adapter / "adapter_model.safetensors")

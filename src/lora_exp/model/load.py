@@ -31,8 +31,13 @@ def cache_root() -> Path:
 
 
 def torch_dtype(name: str):
+    """The torch dtype of a config name; ``auto`` is this device's choice (``lora_exp.model.precision``)."""
     import torch
 
+    if name == "auto":
+        from lora_exp.model.precision import resolve_dtype
+
+        name = resolve_dtype(name)
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r}: expected one of {sorted(set(DTYPES.values()))}")
     return getattr(torch, DTYPES[name])
@@ -211,7 +216,7 @@ def load_base_model(model_cfg, folder: str, quant_cfg=None, fsdp: bool = False):
 
     from lora_exp.model import quant
 
-    bnb = quant.bnb_config(quant_cfg, fsdp=fsdp, model_dtype=DTYPES[model_cfg.dtype])
+    bnb = quant.bnb_config(quant_cfg, fsdp=fsdp, model_dtype=str(torch_dtype(model_cfg.dtype)).removeprefix("torch."))
     extra = {} if bnb is None else {"quantization_config": bnb, "device_map": quant.device_map()}
     model = AutoModelForCausalLM.from_pretrained(
         folder,

@@ -32,7 +32,13 @@ def check(cfg, problems: list[str]) -> None:
         problems.append(f"quant={m} needs bitsandbytes: {INSTALL}")
     if m != "none" and cfg.model.get("backend", "hf") != "hf":
         return  # Unsloth quantizes on its own; see models.load_unsloth
-    if m == "nf4" and cfg.quant.bnb.get("bnb_4bit_compute_dtype") not in (None, "auto", "bfloat16", "float16", "float32"):
+    if m == "nf4" and cfg.quant.bnb.get("bnb_4bit_compute_dtype") not in (
+        None,
+        "auto",
+        "bfloat16",
+        "float16",
+        "float32",
+    ):
         problems.append(
             f"quant.bnb.bnb_4bit_compute_dtype={cfg.quant.bnb.bnb_4bit_compute_dtype!r}: "
             "expected auto, bfloat16, float16 or float32"
@@ -53,6 +59,10 @@ def bnb_config(quant_cfg, fsdp: bool = False, model_dtype: str | None = None):
     from transformers import BitsAndBytesConfig
 
     kwargs: dict[str, Any] = OmegaConf.to_container(quant_cfg.bnb, resolve=True)
+    if kwargs.get("bnb_4bit_compute_dtype") == "auto":  # a config not resolved by the run: this device's choice
+        from lora_exp.model.precision import resolve_dtype
+
+        kwargs["bnb_4bit_compute_dtype"] = resolve_dtype("auto")
     if fsdp and kwargs.get("load_in_4bit") and model_dtype:
         kwargs["bnb_4bit_quant_storage"] = model_dtype
     return BitsAndBytesConfig(**kwargs)
