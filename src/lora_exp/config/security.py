@@ -12,19 +12,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-_SECRET_WORDS = ("api_key", "apikey", "token", "secret", "password", "passwd", "credential")
-_SPECIAL_TOKENS = ("pad_token", "bos_token", "eos_token", "unk_token", "sep_token", "cls_token", "mask_token")
-
-
-def is_secret_key(key: str) -> bool:
-    """True for config keys that would hold a credential (``api_key``, ``hf_token``, ``password``...).
-
-    Token counts, token ids, special tokens and tokenizer settings are not credentials.
-    """
-    k = str(key).lower()
-    if k.endswith("_id") or "tokens" in k or "tokenizer" in k or k.startswith("token_") or k in _SPECIAL_TOKENS:
-        return False
-    return any(w in k for w in _SECRET_WORDS)
+# the secret policy (credential keys, secret environment values) is defined once, in runs.secrets,
+# which also redacts what Hydra wrote before this check could refuse it
+from lora_exp.runs.secrets import is_secret_key, is_secret_value  # noqa: F401
 
 
 def walk(node, path: str = "") -> Iterator[tuple[str, Any]]:
@@ -68,11 +58,6 @@ def check(cfg, problems: list[str]) -> None:
 
     The message never repeats the secret.
     """
-    import os
-
-    from lora_exp.runs.rundir import SECRET_ENV
-
-    secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k) or "") >= 8]
     for key, value in walk(cfg):
         leaf = key.rsplit(".", 1)[-1]
         if not isinstance(value, str) or not value:
@@ -83,5 +68,5 @@ def check(cfg, problems: list[str]) -> None:
                 problems.append(problem)
         if is_secret_key(leaf) and not value.startswith("${oc.env:"):
             problems.append(f"{key}: looks like a secret; set it in the environment (WANDB_API_KEY, HF_TOKEN)")
-        elif any(s in value for s in secrets):
+        elif is_secret_value(value):
             problems.append(f"{key}: holds the value of a secret environment variable; remove it from the config")

@@ -27,17 +27,18 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     from lora_exp.errors import ConfigError, RunDirError
     from lora_exp.inference import session as inference
     from lora_exp.model.load import DTYPES
+    from lora_exp.model.precision import resolve_dtype
+    from lora_exp.runs.outputs import replace_dir, safe_output_dir
 
     dirs = inference.run_dirs(cfg.run_dir)
     if len(dirs) != 1:
         raise RunDirError(f"run_dir={dirs}: export takes one run directory")
     run = inference.load_run(dirs[0])
-    dtype = DTYPES.get(str(cfg.dtype or run.cfg.model.dtype))
+    dtype = DTYPES.get(resolve_dtype(cfg.dtype or run.cfg.model.dtype))
     if dtype is None:
         raise ConfigError([f"dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}"])
-    out = Path(cfg.out).expanduser() if cfg.out else run.path / MERGED_DIR
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not cfg.overwrite:
-        raise RunDirError(f"out={out} exists and is not empty; pass overwrite=true to replace it")
+    # never into a run directory, and overwrite=true replaces only a previous export (its marker file)
+    out = safe_output_dir(Path(cfg.out) if cfg.out else run.path / MERGED_DIR, EXPORT_FILE, bool(cfg.overwrite))
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -61,10 +62,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     merged.to(torch_dtype(dtype))
     merged.config.use_cache = True  # training switched the KV cache off; generation wants it
     merged.config.name_or_path = str(out)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    try:
+        _save(merged, tokenizer, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half-written folder behind
+        raise
     del merged, model
     reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype(dtype))
     reloaded_logits = logits(reloaded, batch)
@@ -81,10 +85,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         f"max_abs_logit_diff/saved_{dtype}": max_diff(reloaded_logits, reference, batch),
         "logit_scale": float(reference[batch["attention_mask"].bool()].abs().max()),
     }
-    (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.replace(out)
+    try:
+        (tmp / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        replace_dir(tmp, out)  # the previous export goes only once the new one is complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     against = f"{quant} base + adapter as trained" if quant else "base + unmerged adapter (float32)"
     print(f"merged model: {out} ({dtype})")
     print(f"largest |logit difference| vs {against}, on {record['check_tokens']} tokens of held-out examples:")
@@ -98,6 +103,11 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         )
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return record
+
+
+def _save(merged, tokenizer, folder: Path) -> None:
+    merged.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def dequantized(base):

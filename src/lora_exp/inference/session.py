@@ -18,35 +18,32 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lora_exp.errors import RunDirError
-from lora_exp.runs.rundir import ADAPTER_DIR
-
-CONFIG_FILE = Path(".hydra") / "config.yaml"
-HYDRA_FILE = Path(".hydra") / "hydra.yaml"
+from lora_exp.runs.rundir import ADAPTER_DIR, RunDir
 
 
 @dataclass
 class Run:
-    """A finished training run: its directory, its resolved train config and its adapter name."""
+    """A finished training run: its :class:`RunDir`, its resolved train config and its adapter name."""
 
-    path: Path
+    dir: RunDir
     cfg: DictConfig
     name: str
 
     @property
+    def path(self) -> Path:
+        return self.dir.path
+
+    @property
     def adapter_dir(self) -> Path:
-        return self.path / ADAPTER_DIR
+        return self.dir.adapter
 
     @property
     def adapter_config(self) -> dict[str, Any]:
-        return json.loads((self.adapter_dir / "adapter_config.json").read_text())
+        return json.loads(self.dir.adapter_config_file.read_text())
 
     def group_choice(self, group: str) -> str | None:
         """The option the run picked for a config group (``data`` -> ``json_extract``), if recorded."""
-        hydra_file = self.path / HYDRA_FILE
-        if not hydra_file.is_file():
-            return None
-        choices = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}
-        return choices.get(group)
+        return self.dir.group_choice(group)
 
 
 def run_dirs(value: Any) -> list[str]:
@@ -60,17 +57,17 @@ def run_dirs(value: Any) -> list[str]:
 
 def load_run(path: str | Path, name: str | None = None) -> Run:
     """Read a run directory; one clear error when it is not a finished run with an adapter."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
+    run = RunDir(Path(path).expanduser().resolve())
+    if not run.path.is_dir():
         raise RunDirError(f"run_dir={path}: no such directory")
-    if not (path / CONFIG_FILE).is_file():
-        raise RunDirError(f"run_dir={path}: no {CONFIG_FILE} (not a lora_exp.train run directory)")
-    if not (path / ADAPTER_DIR / "adapter_config.json").is_file():
+    if not run.config_file.is_file():
+        config = run.config_file.relative_to(run.path)
+        raise RunDirError(f"run_dir={path}: no {config} (not a lora_exp.train run directory)")
+    if not run.has_adapter():
         raise RunDirError(
             f"run_dir={path}: no {ADAPTER_DIR}/adapter_config.json (the run did not finish; see its metrics.json)"
         )
-    cfg = OmegaConf.load(path / CONFIG_FILE)
-    return Run(path=path.resolve(), cfg=cfg, name=name or adapter_name(path))
+    return Run(dir=run, cfg=run.config(), name=name or adapter_name(run.path))
 
 
 def load_runs(value: Any, names: Any = None) -> list[Run]:
@@ -145,6 +142,10 @@ def load_base(run: Run, folder: str, dtype: str | None = None):
     model_cfg = OmegaConf.merge(run.cfg.model, {"gradient_checkpointing": False})
     if dtype is not None:
         model_cfg.dtype = dtype
+    if str(model_cfg.get("dtype")) == "auto":  # a run whose saved config was not resolved: this device's choice
+        from lora_exp.model.precision import resolve_dtype
+
+        model_cfg.dtype = resolve_dtype("auto")
     base = models.load_base_model(model_cfg, folder, run.cfg.get("quant"))
     base.eval()
     return base

@@ -25,7 +25,8 @@ from typing import Any
 
 from lora_exp import metrics as M
 from lora_exp.errors import RunDirError
-from lora_exp.runs.rundir import ADAPTER_DIR, RUN_FILE, adapter_hash, environment_diff, read_metrics, run_status
+from lora_exp.runs.provenance import adapter_hash, environment_diff
+from lora_exp.runs.rundir import ADAPTER_DIR, RUN_FILE, read_metrics, run_status
 
 GPU_RTOL = 1e-3
 # measured, not computed: clocks and rates vary run to run; where a run lives is not a result

@@ -1,56 +1,92 @@
-"""The run directory's records: ``metrics.json`` (flat keys + status) and ``run.json`` (fingerprint).
+"""A run directory: its layout (spelled here once), its records, and :class:`RunDir` to read it.
 
-``run.json`` says what produced the run: command and overrides, seed, git state, package versions
-(a full ``pip-freeze.txt`` lies beside it), hardware, and hashes of the data, the base model and
-the initial adapter. ``python -m lora_exp.reproduce`` compares it with the environment it runs in.
+Every command that reads or writes a run directory goes through this module: ``train`` writes it
+(through :class:`RunRecord`), ``evaluate``, ``generate``, ``export``, ``reproduce`` and ``resume``
+read it through :class:`RunDir`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
-import platform
-import subprocess
-import sys
-import time
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from lora_exp import metrics as M
+from lora_exp.errors import RunDirError
+from lora_exp.runs.secrets import SECRET_ENV  # noqa: F401  (its old home; the policy lives in runs.secrets)
 
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
 FREEZE_FILE = "pip-freeze.txt"
+HISTORY_FILE = "history.jsonl"  # every logged metric, one JSON line per logging call
 ADAPTER_DIR = "adapter"
 INITIAL_ADAPTER_DIR = "initial_adapter"  # PiSSA / OLoRA: the adapter before training, removed at the end
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
+HYDRA_DIR = ".hydra"
+LOCK_FILE = ".lock"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PID = "pid"  # metrics.json: the process writing a `running` record
 
-# the packages whose versions change numbers; run.json names them, pip-freeze.txt has everything
-KEY_PACKAGES = (
-    "torch",
-    "transformers",
-    "peft",
-    "lightning",
-    "hydra-core",
-    "omegaconf",
-    "bitsandbytes",
-    "wandb",
-    "safetensors",
-    "tokenizers",
-    "numpy",
-)
-# environment variables whose values are secrets: never written anywhere by lora-exp
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+# errors of a full, read-only or forbidden disk: reported as one line naming the path, not a traceback
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
+class DiskError(RunDirError):
+    """A write failed for lack of space or permission: the message names the path."""
+
+
+# how libraries that wrap the OS error (safetensors' Rust writer, torch's zip writer) spell it
+_DISK_MESSAGES = {
+    "no space left on device": errno.ENOSPC,
+    "storagefull": errno.ENOSPC,
+    "os error 28": errno.ENOSPC,
+    "read-only file system": errno.EROFS,
+    "readonlyfilesystem": errno.EROFS,
+    "os error 30": errno.EROFS,
+    "permission denied": errno.EACCES,
+    "os error 13": errno.EACCES,
+    "disk quota exceeded": errno.EDQUOT,
+}
+
+
+def as_disk_error(error: BaseException, path: Path | str | None = None) -> DiskError | None:
+    """``error`` as a one-line :class:`DiskError` naming the path when it is a disk fault; else None."""
+    if isinstance(error, DiskError):
+        return error
+    if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
+        code, where = error.errno, error.filename or path
+    elif isinstance(error, (RuntimeError, OSError)) or type(error).__name__ == "SafetensorError":
+        text = str(error).lower().replace(" ", "").replace("-", "")
+        code = next((c for m, c in _DISK_MESSAGES.items() if m.replace(" ", "").replace("-", "") in text), None)
+        where = getattr(error, "filename", None) or path
+        if code is None:
+            return None
+    else:
+        return None
+    return DiskError(f"cannot write {where or 'the run directory'}: {os.strerror(code)}")
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically: a reader never sees half a file; a failed write leaves no temporary file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically: a reader never sees half a file, a kill never leaves one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_metrics(run_dir: Path, status: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -80,12 +116,13 @@ def run_status(run_dir: Path) -> str | None:
     except (OSError, ValueError):
         return None
     status = record.get(M.STATUS)
-    if status == M.STATUS_RUNNING and not _alive(record.get(PID)):
+    if status == M.STATUS_RUNNING and not pid_alive(record.get(PID)):
         return M.STATUS_INTERRUPTED
     return status
 
 
-def _alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie counts as dead)."""
     if not isinstance(pid, int) or pid <= 0:
         return False
     try:
@@ -100,321 +137,197 @@ def _alive(pid: Any) -> bool:
         return True
 
 
-# A watcher process: when the training process dies without recording an end (kill -9, OOM kill),
-# it rewrites a `running` metrics.json as `interrupted`. It learns of the death from EOF on its stdin,
-# the read end of a pipe only the training process holds; no polling.
-_WATCHER = r"""
-import json, os, sys
-sys.stdin.buffer.read()
-path, pid = sys.argv[1], int(sys.argv[2])
-try:
-    data = json.load(open(path))
-except Exception:
-    sys.exit(0)
-if data.get("status") == "running" and data.get("pid") == pid:
-    data["status"] = "interrupted"
-    data.pop("pid", None)
-    tmp = path + ".watch.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-"""
+@dataclass(frozen=True)
+class RunDir:
+    """One run directory: where each record lies, and readers for them.
 
-
-def watch_for_kill(run_dir: Path) -> subprocess.Popen | None:
-    """Start the watcher that marks this run ``interrupted`` if the process is killed outright.
-
-    Keep the returned process referenced for the life of the run; its stdin pipe is the signal.
+    Readers of optional records (history, overrides, group choices) return empty values when the
+    record is absent; ``metrics`` and ``config`` raise ``OSError`` / ``ValueError`` like the files do.
     """
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-S", "-c", _WATCHER, str(Path(run_dir) / METRICS_FILE), str(os.getpid())],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C in the terminal must not kill the watcher first
-        )
-    except OSError:
-        return None
 
+    path: Path
 
-# ----------------------------------------------------------------------------------------- hashes
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path).expanduser())
 
+    # ------------------------------------------------------------------ layout
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER_DIR
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+    @property
+    def adapter_config_file(self) -> Path:
+        return self.adapter / ADAPTER_CONFIG
 
+    @property
+    def initial_adapter(self) -> Path:
+        return self.path / INITIAL_ADAPTER_DIR
 
-def adapter_hash(run_dir: Path) -> str | None:
-    """SHA-256 of the saved adapter weights file; None when there is none."""
-    for name in ("adapter_model.safetensors", "adapter_model.bin"):
-        path = Path(run_dir) / ADAPTER_DIR / name
-        if path.is_file():
-            return sha256_file(path)
-    return None
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
 
+    @property
+    def run_file(self) -> Path:
+        return self.path / RUN_FILE
 
-def state_hash(named_tensors) -> str:
-    """SHA-256 over (name, dtype, shape, bytes) of tensors, in name order: an in-memory weights hash."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(named_tensors, key=lambda kv: kv[0]):
-        t = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
-    return digest.hexdigest()
+    @property
+    def freeze_file(self) -> Path:
+        return self.path / FREEZE_FILE
 
+    @property
+    def history_file(self) -> Path:
+        return self.path / HISTORY_FILE
 
-def data_fingerprint(datamodule) -> str:
-    """The data module's own ``fingerprint`` when it has one, else a hash of the tokenized rows."""
-    fingerprint = getattr(datamodule, "fingerprint", None)
-    if callable(fingerprint):
-        fingerprint = fingerprint()
-    if fingerprint:
-        return str(fingerprint)
-    digest = hashlib.sha256()
-    for split in ("train_rows", "val_rows"):
-        for row in getattr(datamodule, split, []) or []:
-            digest.update(json.dumps([row.get("input_ids"), row.get("labels")]).encode())
-        digest.update(b"|")
-    return digest.hexdigest()
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINT_DIR
 
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".gguf", ".pt")
+    @property
+    def hydra_dir(self) -> Path:
+        return self.path / HYDRA_DIR
 
+    @property
+    def config_file(self) -> Path:
+        return self.hydra_dir / "config.yaml"
 
-def model_fingerprint(folder_or_id: str, model_cfg=None) -> dict[str, Any]:
-    """File hashes of a local model folder, or the hub id and revision.
+    @property
+    def hydra_file(self) -> Path:
+        return self.hydra_dir / "hydra.yaml"
 
-    Hashing ~540 MB costs about a second, so hashes are cached per (path, size, mtime) under the
-    lora-exp cache: an unchanged folder is never hashed twice.
-    """
-    folder = Path(folder_or_id)
-    if not folder.is_dir():
-        revision = (model_cfg.get("revision") if model_cfg is not None else None) or _hub_revision(folder_or_id)
-        return {"hub_id": folder_or_id, "revision": revision}
-    from lora_exp.model.load import cache_root
+    @property
+    def overrides_file(self) -> Path:
+        return self.hydra_dir / "overrides.yaml"
 
-    cache_file = cache_root() / "fingerprints.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    files, changed = {}, False
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES):
-        stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-        if key not in cache:
-            cache[key], changed = sha256_file(path), True
-        files[path.name] = cache[key]
-    if changed:
+    @property
+    def lock_file(self) -> Path:
+        return self.path / LOCK_FILE
+
+    # ------------------------------------------------------------------ records
+    def metrics(self) -> dict[str, Any]:
+        return read_metrics(self.path)
+
+    def status(self) -> str | None:
+        """``metrics.json``'s status (a dead ``running`` process reads as ``interrupted``); None if unreadable."""
+        return run_status(self.path)
+
+    def run_json(self) -> dict[str, Any]:
+        """``run.json``, or {} when it is missing or unreadable."""
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            write_json(cache_file, cache)
+            return json.loads(self.run_file.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def config(self):
+        """The run's composed config (``.hydra/config.yaml``), as Hydra saved it."""
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(self.config_file)
+
+    @cached_property
+    def _hydra(self):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.load(self.hydra_file) if self.hydra_file.is_file() else None
+
+    def group_choices(self) -> dict[str, Any]:
+        """Config-group options the run picked (``{"data": "json_extract", ...}``); {} if not recorded."""
+        from omegaconf import OmegaConf
+
+        if self._hydra is None:
+            return {}
+        return OmegaConf.to_container(OmegaConf.select(self._hydra, "hydra.runtime.choices") or {}) or {}
+
+    def group_choice(self, group: str) -> str | None:
+        return self.group_choices().get(group)
+
+    def overrides(self) -> list[str]:
+        """The command-line overrides of the run (``.hydra/overrides.yaml``, else ``run.json``)."""
+        from omegaconf import OmegaConf
+
+        if self.overrides_file.is_file():
+            return [str(o) for o in OmegaConf.load(self.overrides_file) or []]
+        return [str(o) for o in self.run_json().get("overrides") or []]
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every row of ``history.jsonl``; a torn last line (a kill mid-write) is skipped."""
+        rows = []
+        try:
+            lines = self.history_file.read_text().splitlines()
         except OSError:
-            pass
-    combined = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"path": str(folder), "sha256": combined, "files": files}
+            return rows
+        for line in lines:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        return rows
 
+    def adapter_sha256(self) -> str | None:
+        """SHA-256 of the saved adapter weights file; None when there is none."""
+        from lora_exp.runs.provenance import sha256_file
 
-def _hub_revision(repo_id: str) -> str | None:
-    """The commit of the locally cached snapshot of a hub model, when there is one."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        path = try_to_load_from_cache(repo_id, "config.json")
-        return Path(path).parent.name if isinstance(path, str) else None
-    except Exception:
+        for name in ADAPTER_WEIGHTS:
+            if (self.adapter / name).is_file():
+                return sha256_file(self.adapter / name)
         return None
 
+    # ------------------------------------------------------------------ questions
+    def is_run(self) -> bool:
+        """Whether a training run has written here (a run record or a saved config)."""
+        return self.metrics_file.is_file() or self.run_file.is_file() or self.config_file.is_file()
 
-# -------------------------------------------------------------------------------------- environment
+    def has_results(self) -> bool:
+        """Whether the directory holds something a new run must not overwrite.
 
+        A completed run, or any trained state (checkpoints, adapter). A run that failed before
+        training (a config error) holds nothing of value.
+        """
+        if self.status() == M.STATUS_COMPLETED or self.adapter.is_dir():
+            return True
+        return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.ckpt"))
 
-def package_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in KEY_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
-def pip_freeze() -> str:
-    """``name==version`` of every installed distribution (what ``pip freeze`` lists, without running pip)."""
-    from importlib import metadata
-
-    lines = set()
-    for dist in metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            lines.add(f"{name}=={dist.version}")
-    return "\n".join(sorted(lines, key=str.lower)) + "\n"
+    def has_adapter(self) -> bool:
+        return self.adapter_config_file.is_file()
 
 
-def hardware() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        import torch
-
-        info["torch_threads"] = torch.get_num_threads()
-        info["gpu_count"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(info["gpu_count"])]
-        info["cuda"] = torch.version.cuda
-    except Exception:
-        pass
-    return info
+def find_run_dirs(path: Path) -> list[Path]:
+    """Run directories at or below ``path`` (a run directory holds ``metrics.json`` or ``.hydra/config.yaml``)."""
+    path = Path(path)
+    if not path.is_dir():
+        return []
+    found = [path] if RunDir(path).is_run() else []
+    for marker in (METRICS_FILE, f"{HYDRA_DIR}/config.yaml"):
+        found += [p.parent if marker == METRICS_FILE else p.parent.parent for p in path.rglob(marker)]
+    return sorted(set(found))
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+class RunRecord(dict):
+    """The run's flat record (``metrics.json``): metric values plus the status written with them.
 
-
-def git_state(repo: Path | None = None) -> dict[str, Any]:
-    """Commit, dirty flag and a hash of the uncommitted diff of the lora-exp source tree."""
-    repo = repo or Path(__file__).resolve().parents[2]
-
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, timeout=20, check=True)
-            return out.stdout.decode(errors="replace")
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
-        return {"commit": None}
-    status = git("status", "--porcelain", "--untracked-files=no") or ""
-    diff = git("diff", "HEAD", "--binary") or ""
-    return {
-        "commit": commit.strip(),
-        "dirty": bool(status.strip()),
-        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest() if diff else None,
-    }
-
-
-def redact_argv(argv: list[str]) -> list[str]:
-    """The command line with any value of a secret-looking key or a secret's value replaced."""
-    from lora_exp.config.validate import is_secret_key
-
-    secrets = [os.environ[k] for k in SECRET_ENV if os.environ.get(k)]
-    out = []
-    for arg in argv:
-        key = arg.split("=", 1)[0].lstrip("+~")
-        if "=" in arg and is_secret_key(key.rsplit(".", 1)[-1]):
-            arg = f"{arg.split('=', 1)[0]}=***"
-        for secret in secrets:
-            arg = arg.replace(secret, "***")
-        out.append(arg)
-    return out
-
-
-def command_line() -> list[str]:
-    """The command as the user typed it: ``python -m lora_exp.train ...`` rather than a script path."""
-    argv = list(sys.argv) or [""]
-    script = Path(argv[0])
-    if script.suffix == ".py" and script.parent.name == "lora_exp":
-        return ["python", "-m", f"lora_exp.{script.stem}", *argv[1:]]
-    return argv
-
-
-def hydra_overrides() -> dict[str, list[str]]:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            hc = HydraConfig.get()
-            return {"task": list(hc.overrides.task), "hydra": list(hc.overrides.hydra)}
-    except Exception:
-        pass
-    return {"task": [], "hydra": []}
-
-
-def environment() -> dict[str, Any]:
-    """The parts of run.json that describe where a run ran (compared by ``reproduce``)."""
-    return {"packages": package_versions(), "hardware": hardware(), "git": git_state()}
-
-
-def write_run_json(run_dir: Path, cfg, fingerprints: dict[str, Any]) -> dict[str, Any]:
-    """Write ``run.json`` and ``pip-freeze.txt``; a resumed run keeps the original and appends itself.
-
-    Secrets never enter: the config was checked for secret-looking keys, the command line is
-    redacted, and no environment variable is recorded.
+    Only the process that owns the run's records writes (global rank 0); on other ranks
+    :meth:`write` only returns what rank 0 writes.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / RUN_FILE
-    overrides = hydra_overrides()
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    command = redact_argv(command_line())
-    if path.is_file() and bool(cfg.get("resume")):
-        data = json.loads(path.read_text())
-        data.setdefault("resumed", []).append(
-            {"time": now, "command": command, "environment_matches": environment_diff(data) == []}
-        )
-        write_json(path, data)
-        return data
-    data = {
-        "command": command,
-        "module": "lora_exp.train",
-        "overrides": redact_argv(overrides["task"]),
-        "hydra_overrides": redact_argv(overrides["hydra"]),
-        "cwd": os.getcwd(),
-        "started": now,
-        "seed": cfg.get("seed"),
-        # the composed config, unresolved: what `reproduce` re-runs (a later resume rewrites .hydra/)
-        "config": _unresolved(cfg),
-        **environment(),
-        **fingerprints,
-    }
-    (run_dir / FREEZE_FILE).write_text(pip_freeze())
-    write_json(path, data)
-    return data
 
+    def __init__(self, run: RunDir, writes: bool = True):
+        super().__init__()
+        self.run = run
+        self.writes = writes
 
-def _unresolved(cfg) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+    def write(self, status: str, **extra: Any) -> dict[str, Any]:
+        """Write the record with ``status`` (and ``extra`` keys, e.g. ``error``); return what was written."""
+        values = {**self, **extra}
+        if not self.writes:
+            return {**values, M.STATUS: status}
+        return write_metrics(self.run.path, status, values)
 
-    return OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else dict(cfg)
-
-
-def update_run_json(run_dir: Path, **values: Any) -> None:
-    path = Path(run_dir) / RUN_FILE
-    if path.is_file():
-        write_json(path, {**json.loads(path.read_text()), **values})
-
-
-def environment_diff(recorded: dict[str, Any]) -> list[str]:
-    """Human-readable differences between a run.json's environment and this one."""
-    now = environment()
-    diffs = []
-    for name, version in (recorded.get("packages") or {}).items():
-        if now["packages"].get(name, version) != version:
-            diffs.append(f"{name} {version} -> {now['packages'].get(name)}")
-    for key in ("cpu", "gpus", "torch_threads"):
-        was, is_ = (recorded.get("hardware") or {}).get(key), now["hardware"].get(key)
-        if was is not None and was != is_:
-            diffs.append(f"hardware {key}: {was} -> {is_}")
-    git_was, git_now = recorded.get("git") or {}, now["git"]
-    if git_was.get("commit") and git_was.get("commit") != git_now.get("commit"):
-        diffs.append(f"git commit {str(git_was['commit'])[:10]} -> {str(git_now.get('commit'))[:10]}")
-    elif git_was.get("diff_sha256") != git_now.get("diff_sha256"):
-        diffs.append("uncommitted changes differ from the recorded run's (git diff hash)")
-    return diffs
+    def write_quietly(self, status: str, **extra: Any) -> dict[str, Any]:
+        """:meth:`write` on the way out of a failure: a disk that refuses the write must not hide the cause."""
+        try:
+            return self.write(status, **extra)
+        except OSError:
+            return {**self, **extra, M.STATUS: status}

@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Sampler
 
 from lora_exp.errors import UserError
+from lora_exp.runs.rundir import as_disk_error
 
 log = logging.getLogger(__name__)
 
@@ -224,13 +227,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:  # a full or read-only disk: no partial file, the last good one untouched
+            tmp.unlink(missing_ok=True)
+            disk = as_disk_error(e, tmp)
+            if disk is not None:
+                raise disk from e
+            raise
         try:  # make the rename itself durable
             fd = os.open(path.parent, os.O_RDONLY)
             try:
@@ -309,3 +319,86 @@ class StopOnNonFiniteLoss(L.Callback):
 
 def is_finite_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------- signals
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run; a resumable checkpoint was saved when training had begun."""
+
+    def __init__(self, signal_name: str, step: int | None, checkpoint: Path | None):
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.exit_code = 128 + int(getattr(signal, signal_name))  # 143 for SIGTERM, 130 for SIGINT
+        where = "before training" if step is None else f"at step {step}"
+        saved = f"; checkpoint {checkpoint}" if checkpoint else ""
+        super().__init__(f"interrupted by {signal_name} {where}{saved}")
+
+
+class GracefulStop(L.Callback):
+    """SIGTERM / SIGINT stop the run at the next step boundary, with a resumable checkpoint.
+
+    The handlers only note the signal. The run checks it between its own steps
+    (:meth:`check`), after each optimizer step (a checkpoint is saved, then training stops) and
+    after each validation batch (validation stops at once; during ``fit`` the state after the last
+    step is saved first). A second SIGINT stops at once, without a checkpoint. Lightning's own
+    SIGTERM handler is replaced while a stage runs: it would exit with status 0.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, checkpoint: Path) -> None:
+        self.checkpoint = Path(checkpoint)
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+        self._step_at_batch_start = 0
+
+    def install(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous.setdefault(sig, signal.getsignal(sig))
+                signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise RunInterrupted(name, None, None)  # a second Ctrl-C: stop now
+        self.signal_name = name
+        log.warning("received %s: stopping at the next step boundary (send SIGINT again to stop now)", name)
+
+    def check(self) -> None:
+        """Raise :class:`RunInterrupted` when a signal came (between the run's own steps)."""
+        if self.signal_name is not None:
+            raise RunInterrupted(self.signal_name, None, None)
+
+    def _take_over(self, *args) -> None:  # Lightning installs its SIGTERM handler as a stage starts
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+
+    on_train_start = on_validation_start = on_sanity_check_start = _take_over
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # only at an optimizer-step boundary: mid-accumulation state is not resumable
+        if self.signal_name is not None and trainer.global_step != self._step_at_batch_start:
+            self._stop(trainer, save=True)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self.signal_name is not None:
+            self._stop(trainer, save=trainer.state.fn == "fit" and not trainer.sanity_checking)
+
+    def _stop(self, trainer, save: bool) -> None:
+        saved = None
+        if save and trainer.global_step > 0:
+            trainer.save_checkpoint(self.checkpoint)
+            saved = self.checkpoint
+        raise RunInterrupted(self.signal_name, trainer.global_step, saved)
