@@ -42,6 +42,10 @@ VARIANTS = {
     "loraplus": ["optim=loraplus"],
     "modules_to_save": ["lora.modules_to_save=[embed_tokens,lm_head]"],
     "all_linear": ["lora.target_modules=all_linear"],
+    # PEFT's own spellings, passed through as given
+    "peft_all_linear": ["lora.target_modules=all-linear"],
+    "peft_regex": [r"lora.target_modules='.*\.(q|v)_proj'"],
+    "peft_rank_pattern": ["+lora.rank_pattern={q_proj:4}", "+lora.alpha_pattern={q_proj:8}", "+lora.lora_dropout=0.1"],
 }
 
 
@@ -227,3 +231,55 @@ def test_compile_switch_compiles_each_decoder_layer_and_keeps_parameter_names():
     assert compile_layers(model) == cfg.model.config.num_hidden_layers
     assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
     assert list(model.state_dict()) == names
+
+
+def _plain_peft(cfg, run_dir: Path):
+    """The saved adapter loaded by plain PEFT (``PeftModel.from_pretrained``) on a fresh base."""
+    from peft import PeftModel
+
+    from lora_exp.model.load import load_base_model, resolve_model_folder
+
+    base = load_base_model(cfg.model, resolve_model_folder(cfg.model))
+    return PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+
+
+def _loads_exactly(cfg, run_dir: Path) -> dict[str, torch.Tensor]:
+    """Load with plain PEFT; every saved tensor is in the loaded model, equal; return its LoRA weights."""
+    from peft import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(_plain_peft(cfg, run_dir))
+    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    assert loaded.keys() == saved.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
+    return saved
+
+
+@pytest.mark.parametrize(
+    ("name", "asked", "adapted"),
+    [
+        ("peft_all_linear", "all-linear", lora.TARGET_PRESETS["all_linear"]),
+        ("peft_regex", r".*\.(q|v)_proj", ["q_proj", "v_proj"]),
+    ],
+)
+def test_peft_target_spellings_reach_the_adapter_config_as_given(run, name, asked, adapted):
+    run_dir, record, cfg = run(name)
+    config, _ = _adapter(run_dir)
+    assert config["target_modules"] == asked
+    weights = _loads_exactly(cfg, run_dir)
+    leaves = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights}
+    assert leaves == set(adapted)  # PEFT re-expands the saved spelling to the same modules
+    assert record[M.TRAINABLE_PARAMS] == sum(v.numel() for v in weights.values())
+
+
+def test_peft_fields_reach_peft(run):
+    run_dir, record, cfg = run("peft_rank_pattern")
+    config, weights = _adapter(run_dir)
+    assert config["rank_pattern"] == {"q_proj": 4} and config["alpha_pattern"] == {"q_proj": 8}
+    assert config["lora_dropout"] == 0.1 and config["r"] == cfg.lora.r
+    ranks = {k: v.shape[0] for k, v in weights.items() if "lora_A" in k}
+    assert {r for k, r in ranks.items() if "q_proj" in k} == {4}
+    assert {r for k, r in ranks.items() if "q_proj" not in k} == {cfg.lora.r}
+    model = _plain_peft(cfg, run_dir)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.r["default"] == 4 and q.scaling["default"] == pytest.approx(8 / 4)
+    _loads_exactly(cfg, run_dir)
