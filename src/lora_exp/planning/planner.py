@@ -194,8 +194,9 @@ def _build_meta_model(cfg):
         base = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(cfg.model.dtype))
     base.tie_weights()  # init_empty_weights skips tying: a tied lm_head would be counted twice
     lora_cfg = OmegaConf.to_container(cfg.lora, resolve=True)
+    lora_cfg.pop("init_lora_weights", None)
     lora_cfg["init"] = "default"
-    peft_model = get_peft_model(base, lora.peft_config(OmegaConf.create(lora_cfg)))
+    peft_model = get_peft_model(base, lora.peft_config(OmegaConf.create(lora_cfg), base))
     assert next(peft_model.parameters()).device == torch.device("meta")
     return peft_model, config
 
@@ -480,7 +481,7 @@ def make_plan(cfg, label: str = "") -> Plan:
         attn=str(cfg.model.get("attn_implementation") or "sdpa"),
     )
     targets = _targets(peft_model)
-    r, dropout = int(cfg.lora.r), float(cfg.lora.dropout)
+    r, dropout = peft_model.peft_config["default"].r, float(peft_model.peft_config["default"].lora_dropout)
     activations = activation_bytes(arch, shape, targets, r, dropout, checkpointing=checkpointing, **act_kwargs)
     other = activation_bytes(arch, shape, targets, r, dropout, checkpointing=not checkpointing, **act_kwargs)
     chunk = int(cfg.get("loss", {}).get("chunk_size", 4096))
@@ -529,6 +530,10 @@ def make_plan(cfg, label: str = "") -> Plan:
         overhead_gb=float(plan_cfg.get("overhead_gb") or 0.0),
     )
     plan.peak_bytes = sum(memory.values())
+    if cfg.lora.get("budget") is not None:  # the solved ranks and PEFT's exact count
+        from lora_exp.model import budget
+
+        plan.notes.append(budget.describe(peft_model, int(cfg.lora.budget)))
     if cfg.lora.get("init") not in (None, "default", "gaussian"):
         plan.notes.append(f"lora.init={cfg.lora.init}: shapes as planned; the init itself needs the real weights")
     if str(cfg.trainer.get("devices", 1)) == "auto":
@@ -543,9 +548,12 @@ def _gib(n: float) -> str:
 def format_plan(plan: Plan, cfg) -> str:
     """The single-point report: PEFT's line, adapter size, tokens per step, the memory breakdown."""
     mode = quant_mode(cfg)
-    targets = ",".join(sorted(plan_targets(cfg)))
+    targets = plan_targets(cfg)
+    targets = targets if isinstance(targets, str) else ",".join(sorted(targets))
     lines = [
-        f"plan: model={cfg.model.name} quant={mode} lora r={cfg.lora.r} alpha={cfg.lora.alpha} on {targets} "
+        f"plan: model={cfg.model.name} quant={mode} lora "
+        f"{f'budget={cfg.lora.budget:,}' if cfg.lora.get('budget') is not None else f'r={cfg.lora.r}'} "
+        f"alpha={cfg.lora.alpha} on {targets} "
         f"(meta device: no weights loaded)",
         plan.params_line,
         f"adapter on disk: {plan.adapter_file_bytes / MIB:.2f} MiB (adapter_model.safetensors)",
