@@ -1,14 +1,20 @@
 """Speed benchmark: lora-exp against HF Trainer + PEFT and a plain PyTorch loop, on the same work.
 
-    python benchmarks/speed.py              # CPU: the table in benchmarks/README.md (~15 min, idle 2 cores)
-    python benchmarks/speed.py --quick      # a small smoke run of every contender (~3 min)
+    python benchmarks/speed.py              # CPU: this machine's table in benchmarks/README.md (~25 min, idle 2 cores)
+    python benchmarks/speed.py --quick      # a small smoke run of every contender (~5 min)
     python benchmarks/speed.py --gpu        # Llama-3.1-8B architecture, bf16 LoRA, seq 2048: tokens/s and MFU
 
 Every contender is its own process (peak RSS is per process, read from ``os.wait4``), trains the
 same model (SmolLM2-135M by default) with the same LoRA (r=16, alpha=16, dropout 0.05, q,k,v,o),
 the same optimizer and schedule, for one epoch over the same JSONL file written here. Afterwards
 one evaluator computes every trained adapter's held-out loss with the same code, so "same final
-loss" is checked on equal terms. Ratios are against HF Trainer + PEFT with ``bf16=True``.
+loss" is checked on equal terms.
+
+Each contender runs at its best precision for this machine: bf16 only where the CPU multiplies
+bf16 natively (``lora_exp.model.precision.detect``; AVX512-BF16 / AMX), float32 elsewhere, where
+bf16 is ~50x slower. Ratios are against the anchor, HF Trainer + PEFT at that precision. The
+``lora_exp`` row is ``python -m lora_exp.train`` with the benchmark's data, model and LoRA and
+nothing else: the defaults as a user gets them. ``LORA_EXP_CPU_BF16=0|1`` fakes the detection.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -27,55 +32,43 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import speed_data  # noqa: E402
+from speed_report import anchor_name, capability_label, report, table, write_readme  # noqa: E402
 
-BASELINE = "hf_bf16"
-README_BEGIN = "<!-- speed:begin (written by benchmarks/speed.py --write-readme) -->"
-README_END = "<!-- speed:end -->"
-LOSS_TOLERANCE = 0.05  # relative difference in held-out loss accepted as "the same result"
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
 }
+BF16 = ["model.dtype=bfloat16", "trainer.precision=bf16-mixed"]
+FP32 = ["model.dtype=float32", "trainer.precision=32-true"]
+SLOW_BF16 = "skipped: slow here (no native bf16, ~50x slower than fp32; --include-slow runs it)"
 
-# lora-exp with every lever on, then with one lever off at a time (the lever's share of the speed-up)
-LEVERS = {
-    "lora_exp": [],
-    "lora_exp -packing": ["data.packing=false"],
-    "lora_exp -bf16 base": ["model.dtype=float32"],
-    "lora_exp -lean loss": ["loss.impl=full"],
-    "lora_exp -packed attention": ["speed.packed_attention=false"],
-    "lora_exp -bits dropout": ["speed.lora_dropout=false"],
-    "lora_exp -no input cast": ["speed.no_input_cast=false"],
-}
-NOTES = """
-How to read it: `lora_exp -X` rows are lora-exp with one lever turned off; the lever's share of the
-speed-up is lora-exp's throughput over that row's. Packed batches hold as many tokens as the padded
-contenders' average batch (`data.pack_tokens`), so the number of optimizer steps stays comparable.
-The `speed.*` levers are in `src/lora_exp/fastpath.py` and each is tested against the plain path
-(`tests/test_fastpath.py`): `packed attention` runs one causal attention per packed example instead
-of one over the whole row under a block-diagonal mask (on CPU, examples under 256 tokens take a
-grouped-query matmul, ~2x faster forward + backward than torch's CPU flash kernel at those lengths);
-`bits dropout` draws LoRA dropout masks 15 bits at a time instead of a float per element; `no input
-cast` feeds LoRA layers their bf16 input instead of PEFT's fp32 copy (autocast runs them in bf16
-either way). `metrics.json` of every lora-exp run also records `time/first_step_s` (process start to
-the end of the first training step) and `time/train_loop_s`. GPU: `python benchmarks/speed.py --gpu`
-(Llama-3.1-8B architecture with random weights, bf16 LoRA, seq 2048: tokens/s and MFU); on a machine
-without a CUDA GPU it says so and exits.
-"""
-DESCRIPTIONS = {
-    "hf_fp32": "HF Trainer + PEFT, default precision (fp32), dynamic padding",
-    "hf_bf16": "HF Trainer + PEFT, bf16=True, dynamic padding",
-    "plain": "plain PyTorch loop, same padded batches, bf16 autocast",
-    "lora_exp": "python -m lora_exp.train: packing, bf16 base, chunked loss, the speed.* fast path",
-    "lora_exp -packing": "lora-exp, padded batches instead of packing",
-    "lora_exp -bf16 base": "lora-exp, fp32 frozen base (bf16 autocast still on)",
-    "lora_exp -lean loss": "lora-exp, transformers' full-logits loss instead of the chunked one",
-    "lora_exp -packed attention": "lora-exp, sdpa over the whole packed row under a block-diagonal mask",
-    "lora_exp -bits dropout": "lora-exp, torch's dropout in the LoRA layers",
-    "lora_exp -no input cast": "lora-exp, PEFT's fp32 copy of every LoRA layer's input",
-}
+
+def lora_exp_rows(device) -> dict[str, list[str]]:
+    """lora-exp's rows: the defaults, the fastest setting, one lever off at a time, the other precision.
+
+    ``{pack_tokens}`` is filled in per case (the padded contenders' average batch in tokens).
+    """
+    rows = {
+        "lora_exp": [],
+        "lora_exp fastest": ["data.packing=true", "data.pack_tokens={pack_tokens}"],
+        "lora_exp -padding-free": ["data.padding_free=false"],
+        "lora_exp -packed attention": ["speed.packed_attention=false"],
+        "lora_exp -bits dropout": ["speed.lora_dropout=false"],
+        "lora_exp -lean loss": ["loss.impl=full"],
+    }
+    if device.bf16:
+        rows["lora_exp -no input cast"] = ["speed.no_input_cast=false"]  # acts under bf16 autocast only
+        rows["lora_exp fp32"] = FP32
+    else:
+        rows["lora_exp bf16"] = BF16
+    return rows
+
+
+def slow_here(name: str, device) -> bool:
+    """A contender that forces bf16 on a CPU without native bf16 (~50x slower than its fp32 run)."""
+    return not device.bf16 and name in ("hf_bf16", "lora_exp bf16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -89,6 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="examples per step of the padded contenders")
     p.add_argument("--only", nargs="*", default=None, help="run only these contenders (names as in the table)")
     p.add_argument("--no-levers", action="store_true", help="skip the lora-exp runs with one lever off")
+    p.add_argument("--include-slow", action="store_true", help="also run bf16 contenders on a CPU without native bf16")
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed-length case")
     p.add_argument("--out", type=Path, default=None, help="work folder (default: outputs/speed/<time>)")
     p.add_argument("--write-readme", action="store_true", help="put the table into benchmarks/README.md")
@@ -139,16 +133,15 @@ def run_worker(name: str, spec: dict, work: Path, reuse: bool = False) -> dict:
     return {**json.loads((folder / "result.json").read_text()), **proc, "adapter": str(folder / "adapter")}
 
 
-def lora_exp_overrides(spec: dict, pack_tokens: int) -> list[str]:
-    """The same work through the public CLI: one epoch, evaluation and loggers off."""
+def lora_exp_overrides(spec: dict) -> list[str]:
+    """The benchmark's work through the public CLI: its data, model and LoRA, one epoch, no evaluation
+    and no logger; nothing about precision, speed or batching (the defaults decide those)."""
     return [
         "data=jsonl",
         f"data.train_path={spec['train_path']}",
         f"data.val_path={spec['eval_path']}",  # every training example is trained on; evaluation is off
         f"data.max_seq_len={spec['max_seq_len']}",
         f"data.batch_size={spec['batch_size']}",
-        "data.packing=true",
-        f"data.pack_tokens={pack_tokens}",
         f"seed={spec['seed']}",
         f"lora.r={spec['lora_r']}",
         f"lora.alpha={spec['lora_alpha']}",
@@ -164,11 +157,11 @@ def lora_exp_overrides(spec: dict, pack_tokens: int) -> list[str]:
     ] + ([f"model.path={spec['model_folder']}"] if spec.get("model_path_override") else [])
 
 
-def run_lora_exp(name: str, spec: dict, extra: list[str], pack_tokens: int, work: Path) -> dict:
+def run_lora_exp(name: str, spec: dict, extra: list[str], work: Path) -> dict:
     folder = work / name.replace(" ", "_")
     run_dir = folder / "run"
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "lora_exp.train", *lora_exp_overrides(spec, pack_tokens), *extra]
+    cmd = [sys.executable, "-m", "lora_exp.train", *lora_exp_overrides(spec), *extra]
     cmd.append(f"hydra.run.dir={run_dir}")
     (folder / "command.txt").write_text(" ".join(cmd[1:]) + "\n")
     proc = run_process(cmd, folder / "log.txt", folder)
@@ -181,6 +174,7 @@ def run_lora_exp(name: str, spec: dict, extra: list[str], pack_tokens: int, work
         "loop_s": m.get("time/train_loop_s") or m["train/time_s"],
         "first_step_s": m.get("time/first_step_s"),
         "train_loss": sum(tail) / len(tail),
+        "precision": m.get("precision/trainer"),
         **proc,
         "adapter": str(run_dir / "adapter"),
     }
@@ -200,7 +194,7 @@ def _train_losses(run_dir: Path) -> list[float]:
 
 
 # ---- one case (variable or fixed lengths) -------------------------------------------------------------
-def run_case(case: str, spec: dict, names: list[str], work: Path, reuse: bool = False) -> dict[str, dict]:
+def run_case(case: str, spec: dict, names: list[str], work: Path, device, args) -> dict[str, dict]:
     """Every contender on one training file, back to back; then the held-out loss of each adapter."""
     import math
 
@@ -209,114 +203,44 @@ def run_case(case: str, spec: dict, names: list[str], work: Path, reuse: bool = 
     # packed batches hold as many tokens as the padded contenders' average batch, so the step
     # count (and with it the optimisation) stays comparable; a batch never cuts an example
     pack_tokens = max(max(lengths), math.ceil(sum(lengths) / steps_padded))
+    rows = lora_exp_rows(device)
     results: dict[str, dict] = {}
     for name in names:
+        if slow_here(name, device) and not args.include_slow:
+            results[name] = {"skipped": SLOW_BF16}
+            print(f"[speed] {case}: {name}: {SLOW_BF16}", flush=True)
+            continue
         print(f"[speed] {case}: {name} ...", flush=True)
         if name.startswith("lora_exp"):
-            results[name] = run_lora_exp(name, spec, LEVERS[name], pack_tokens, work / case)
+            extra = [o.format(pack_tokens=pack_tokens) for o in rows[name]]
+            results[name] = run_lora_exp(name, spec, extra, work / case)
         else:
-            results[name] = run_worker(name, spec, work / case, reuse)
+            results[name] = run_worker(name, spec, work / case, args.reuse)
         r = results[name]
         print(
             f"[speed] {case}: {name}: {r['tokens'] / r['loop_s']:.0f} tokens/s, {r['wall_s']:.0f} s, "
             f"{r['peak_rss_mb']:.0f} MB, {r['steps']} steps",
             flush=True,
         )
-    adapters = {n: r["adapter"] for n, r in results.items()}
+    ran = {n: r for n, r in results.items() if "skipped" not in r}
+    adapters = {n: r["adapter"] for n, r in ran.items()}
     eval_spec = {**spec, "adapters": adapters}
     print(f"[speed] {case}: held-out loss of {len(adapters)} adapters ...", flush=True)
     losses = run_worker("eval", eval_spec, work / case)
-    for name, r in results.items():
+    for name, r in ran.items():
         r["eval_loss"] = losses[name]
         r["base_eval_loss"] = losses["base"]
         r["tokens_per_s"] = r["tokens"] / r["loop_s"]
     return results
 
 
-def machine() -> str:
-    """CPU model and core count (lscpu), or the GPU's name."""
-    model, cores = platform.processor() or "unknown CPU", os.cpu_count()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        model = fields.get("Model name", model).strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return f"{model}, {cores} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB RAM"
-
-
-def load_note(before: float) -> str:
-    """The machine's load when the benchmark started (its own processes then keep the cores busy)."""
-    cores = os.cpu_count() or 1
-    if before > 0.5 * cores:
-        return (
-            f"measured under load (load average {before:.1f} on {cores} cores at the start): "
-            "absolute numbers are pessimistic"
-        )
-    return f"otherwise idle (load average {before:.1f} on {cores} cores at the start)"
-
-
-def table(case: str, results: dict[str, dict]) -> str:
-    base = results.get(BASELINE)
-    head = (
-        "| contender | real tokens/s | vs HF bf16 | wall s | peak RSS MB | vs HF bf16 | steps | held-out loss |"
-        " train loss (last 25%) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    )
-    lines = [f"**{case}**", "", head]
-    for name, r in results.items():
-        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        mem = f"{r['peak_rss_mb'] / base['peak_rss_mb']:.2f}x" if base else "-"
-        lines.append(
-            f"| {name} | {r['tokens_per_s']:.0f} | {speed} | {r['wall_s']:.0f} | {r['peak_rss_mb']:.0f} | {mem} "
-            f"| {r['steps']} | {r['eval_loss']:.4f} | {r['train_loss']:.4f} |"
-        )
-    any_r = next(iter(results.values()))
-    lines += [
-        "",
-        f"{any_r['tokens']:,} real tokens; held-out loss of the untrained base {any_r['base_eval_loss']:.4f}.",
-    ]
-    return "\n".join(lines)
-
-
-def verdict(results: dict[str, dict]) -> list[str]:
-    """The issue's targets, checked on the variable-length case."""
-    if BASELINE not in results or "lora_exp" not in results:
-        return []
-    b, x = results[BASELINE], results["lora_exp"]
-    speed = x["tokens_per_s"] / b["tokens_per_s"]
-    mem = x["peak_rss_mb"] / b["peak_rss_mb"]
-    dloss = abs(x["eval_loss"] - b["eval_loss"]) / b["eval_loss"]
-    mark = lambda ok: "met" if ok else "MISSED"  # noqa: E731
-    out = [
-        f"- real-token throughput {speed:.2f}x HF Trainer bf16 (target >= 2.5x): {mark(speed >= 2.5)}",
-        f"- peak memory {mem:.2f}x (target <= 1.0x): {mark(mem <= 1.0)}",
-        f"- held-out loss {x['eval_loss']:.4f} vs {b['eval_loss']:.4f} ({100 * dloss:.1f}% apart, "
-        f"tolerance {100 * LOSS_TOLERANCE:.0f}%): {mark(dloss <= LOSS_TOLERANCE)}",
-    ]
-    full = x["tokens_per_s"]
-    for name in LEVERS:
-        if name != "lora_exp" and name in results:
-            out.append(
-                f"- lever {name.split(' ', 1)[1][1:]}: turning it off costs {full / results[name]['tokens_per_s']:.2f}x"
-            )
-    return out
-
-
-def write_readme(text: str) -> None:
-    """Replace this benchmark's section of benchmarks/README.md (other sections are left alone)."""
-    path = HERE / "README.md"
-    old = path.read_text() if path.is_file() else "# Benchmarks\n"
-    block = f"{README_BEGIN}\n{text.strip()}\n{README_END}"
-    if README_BEGIN in old and README_END in old:
-        before, rest = old.split(README_BEGIN, 1)
-        new = before + block + rest.split(README_END, 1)[1]
-    else:
-        new = old.rstrip() + "\n\n" + block + "\n"
-    path.write_text(new)
-
-
 def cpu_main(args: argparse.Namespace) -> int:
     from lora_exp.model.load import ensure_smollm2_folder, load_tokenizer
+    from lora_exp.model.precision import detect
+
+    device = detect("cpu")
+    anchor, label = anchor_name(device), capability_label(device)
+    print(f"[speed] CPU capability {label} ({device.describe()}): anchor {anchor}", flush=True)
 
     folder = args.model_path or str(ensure_smollm2_folder())
     tokenizer = load_tokenizer(folder)
@@ -339,6 +263,7 @@ def cpu_main(args: argparse.Namespace) -> int:
         "lr": 1e-3,
         "warmup_ratio": 0.1,
         "max_seq_len": speed_data.MAX_LEN + 16,
+        "bf16": device.bf16,  # the plain loop's autocast: bf16 only where native
     }
     started = time.perf_counter()
     args.load_before = os.getloadavg()[1]
@@ -347,14 +272,15 @@ def cpu_main(args: argparse.Namespace) -> int:
         train_path = speed_data.write_jsonl(work / case / "train.jsonl", examples)
         lengths = [speed_data.rendered_length(tokenizer, e) for e in examples]
         spec = {**common, "train_path": str(train_path), "lengths": lengths}
-        names = ["hf_fp32", "hf_bf16", "plain", "lora_exp"]
+        other_hf = "hf_fp32" if anchor == "hf_bf16" else "hf_bf16"
+        names = [anchor, other_hf, "plain", "lora_exp", "lora_exp fastest"]
         if case == "variable" and not args.no_levers:
-            names += [n for n in LEVERS if n != "lora_exp"]
+            names += [n for n in lora_exp_rows(device) if n not in names]
         if case == "fixed":
-            names = ["hf_bf16", "plain", "lora_exp"]
+            names = [anchor, "plain", "lora_exp"]
         if args.only:
             names = [n for n in names if n in args.only]
-        results = run_case(case, spec, names, work, args.reuse)
+        results = run_case(case, spec, names, work, device, args)
         all_results[case] = results
         title = (
             f"variable lengths: {len(lengths)} examples, {min(lengths)}-{max(lengths)} tokens (median "
@@ -362,42 +288,17 @@ def cpu_main(args: argparse.Namespace) -> int:
             if case == "variable"
             else f"fixed length: {len(lengths)} examples of {lengths[0]} tokens (no padding: overhead alone)"
         )
-        sections.append(table(title, results))
-    text = report(args, sections, all_results.get("variable", {}), time.perf_counter() - started)
+        sections.append(table(title, results, anchor))
+    all_results["device"] = {"label": label, "capability": device.capability, "bf16": device.bf16}
+    text = report(args, sections, all_results.get("variable", {}), time.perf_counter() - started, device)
     print("\n" + text)
     (work / "results.json").write_text(json.dumps(all_results, indent=2))
     (work / "report.md").write_text(text + "\n")
     if args.write_readme:
-        write_readme(text)
+        write_readme(text, label)
         print(f"[speed] table written to {HERE / 'README.md'}")
     print(f"[speed] results in {work}")
     return 0
-
-
-def report(args, sections: list[str], variable: dict, seconds: float) -> str:
-    import torch
-    import transformers
-
-    lines = [
-        "## Speed: lora-exp vs HF Trainer + PEFT",
-        "",
-        f"Machine: {machine()}; {load_note(args.load_before)}. torch {torch.__version__}, "
-        f"transformers {transformers.__version__}.",
-        f"`{' '.join(['python benchmarks/speed.py', *args.argv])}` took {seconds / 60:.1f} min "
-        f"({time.strftime('%Y-%m-%d')}). "
-        "Model SmolLM2-135M, LoRA r=16 alpha=16 on q,k,v,o, AdamW lr 1e-3, cosine, one epoch. "
-        "Real tokens/s = non-padding tokens / training-loop time; wall = whole process; "
-        "peak RSS of each contender's own process; held-out loss: every adapter through the same fp32 evaluator.",
-        "",
-    ]
-    for s in sections:
-        lines += [s, ""]
-    targets = verdict(variable)
-    if targets:
-        lines += ["Targets (variable lengths, lora-exp vs HF Trainer bf16):", "", *targets, ""]
-    lines.append("Contenders: " + "; ".join(f"`{k}` {v}" for k, v in DESCRIPTIONS.items()) + ".")
-    lines += ["", NOTES.strip()]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:

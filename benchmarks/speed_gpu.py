@@ -29,11 +29,31 @@ LLAMA_3_1_8B = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# Dense (no sparsity) 16-bit tensor-core peaks in TFLOP/s, from NVIDIA's datasheets: bf16 where the GPU
+# has it, fp16 on V100 / T4 (the precision ``auto`` picks there). Longer names first ("H100 PCIe").
+PEAK_16BIT_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "GH200": 989.4,
+    "H100": 989.4,
+    "H200": 989.4,
+    "H800": 989.4,
+    "H20": 148.0,
+    "B200": 2250.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "RTX 4090": 165.2,
+    "V100": 125.0,
+    "T4": 65.0,
+}
 
 
 def peak_tflops(name: str) -> float | None:
-    for key, value in PEAK_BF16_TFLOPS.items():
+    """The dense 16-bit peak of a GPU from its ``torch.cuda.get_device_name()``, or None if unknown."""
+    for key, value in PEAK_16BIT_TFLOPS.items():
         if key in name:
             return value
     return None

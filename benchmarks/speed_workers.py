@@ -1,9 +1,10 @@
 """The benchmark's contenders, each run as its own process: ``python benchmarks/speed_workers.py NAME SPEC OUT``.
 
 ``hf``: HF Trainer + PEFT the usual way (dynamic padding with ``DataCollatorForSeq2Seq``), fp32 or
-``bf16=True``. ``plain``: a minimal PyTorch loop over the same padded batches (bf16 autocast), the
-floor for per-step overhead. ``eval``: held-out loss of every trained adapter, computed by one
-piece of code so the contenders' results are compared on equal terms. lora-exp itself runs through
+``bf16=True``. ``plain``: a minimal PyTorch loop over the same padded batches (bf16 autocast where
+the CPU has native bf16, fp32 elsewhere: ``spec["bf16"]``), the floor for per-step overhead.
+``eval``: held-out loss of every trained adapter, computed by one piece of code so the contenders'
+results are compared on equal terms. lora-exp itself runs through
 its public CLI (see ``speed.py``).
 """
 
@@ -120,7 +121,8 @@ def run_hf(spec: dict, bf16: bool) -> dict:
 
 
 def run_plain(spec: dict) -> dict:
-    """The floor: a bare loop over the same padded batches, bf16 autocast, AdamW, cosine, clipping."""
+    """The floor: a bare loop over the same padded batches, AdamW, cosine, clipping; bf16 autocast
+    only where the CPU multiplies bf16 natively (``spec["bf16"]``), fp32 elsewhere."""
     import torch
     from torch.utils.data import DataLoader
     from transformers import DataCollatorForSeq2Seq, get_cosine_schedule_with_warmup
@@ -142,7 +144,7 @@ def run_plain(spec: dict) -> dict:
     losses = []
     clock["loop_start"] = time.perf_counter()
     for batch in loader:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(spec.get("bf16", True))):
             loss = model(**batch, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
