@@ -35,6 +35,16 @@ CONVERSATION = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _own_data_cache(tmp_path, monkeypatch):
+    """Each test tokenizes for real (a cache of its own; the converted models are shared)."""
+    from lora_exp.model.load import cache_root
+
+    (tmp_path / "lora-exp-cache").mkdir()
+    (tmp_path / "lora-exp-cache" / "models").symlink_to(cache_root() / "models", target_is_directory=True)
+    monkeypatch.setenv("LORA_EXP_CACHE", str(tmp_path / "lora-exp-cache"))
+
+
 @pytest.fixture(scope="module")
 def smol_tok():
     return load_tokenizer(str(ensure_smollm2_folder()))
@@ -356,7 +366,16 @@ def test_packed_loss_equals_unpacked_loss_and_attention_stays_inside_examples(ti
             [],
             r"train.jsonl:2: field 'answer' \(data.fields.response\) is missing; fields found: question, solution",
         ),
-        ('{"q": "a", "a": "b"}\n', ["data.format=auto", "data.fields.prompt=x"], r"train.jsonl:1: cannot detect"),
+        (
+            '{"q": "a", "a": "b"}\n',
+            ["data.format=auto", "data.fields.response=a"],
+            r"train.jsonl:1: field 'question' \(data.fields.prompt\) is missing; fields found: q, a$",
+        ),
+        (
+            '{"q": "a", "a": "b"}\n',
+            ["data.fields.prompt=prompt", "data.fields.response=response"],
+            r"train.jsonl:1: cannot detect the data format from the fields q, a",
+        ),
         ('{"question": "a", "answer": "b"}\n', ["data.format=yaml"], r"data.format='yaml': unknown format"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', ["data.format=chat"], r"train.jsonl:1: .*no assistant"),
         ("[1, 2]\n", [], r"train.jsonl:1: expected a JSON object"),
@@ -366,6 +385,7 @@ def test_packed_loss_equals_unpacked_loss_and_attention_stays_inside_examples(ti
         "empty",
         "malformed_line",
         "missing_field",
+        "mapped_field_missing",
         "undetectable",
         "unknown_format",
         "no_reply",

@@ -55,14 +55,22 @@ def test_local_jsonl_with_field_mapping_and_packing_trains_the_default_model(tmp
     [
         ('{"question": "a", "answer": "b"}\n{"question": "c" "answer": "d"}\n', r"train.jsonl:2: malformed JSON line"),
         ('{"question": "a", "answer": "b"}\n{"question": "c", "reply": "d"}\n', r"train.jsonl:2: field 'answer'"),
+        (
+            b'{"question": "a", "answer": "b"}\n{"question": "Jos\xe9", "answer": "d"}\n',
+            r"train.jsonl:2: not UTF-8 text \(byte 0xe9 at byte offset 50\)",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}\n',
+            r"train.jsonl:1: message 0 content part 0: part type 'image_url' is not supported",
+        ),
     ],
-    ids=["malformed_line", "missing_field"],
+    ids=["malformed_line", "missing_field", "not_utf8", "image_part"],
 )
 def test_bad_data_exits_2_with_one_line_and_no_finished_run(content, message, tmp_path):
     import re
 
     data = tmp_path / "train.jsonl"
-    data.write_text(content)
+    data.write_bytes(content if isinstance(content, bytes) else content.encode())
     run_dir = tmp_path / "run"
     proc = train_cli(
         run_dir,

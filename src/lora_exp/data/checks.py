@@ -14,6 +14,8 @@ CHECKS = (
     Check("data.eval_batch_size", "int", low=1, optional=True),
     Check("data.train_path", "file", optional=True),
     Check("data.val_path", "file", optional=True),
+    # the tokenized-data cache (lora_exp.data.tokenized); absent in configs saved before it existed
+    Check("data.cache", "bool", optional=True),
 )
 
 

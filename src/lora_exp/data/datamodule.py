@@ -11,9 +11,10 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lora_exp import metrics as M
-from lora_exp.data import formats, sources, tasks
+from lora_exp.data import formats, sources, tasks, tokenized
 from lora_exp.data.packing import PackCollator, PadCollator, SeededSampler, TokenBudgetBatchSampler, padding_fraction
-from lora_exp.data.templating import IGNORE_INDEX, Encoded, Renderer
+from lora_exp.data.templating import IGNORE_INDEX, Renderer
+from lora_exp.data.tokenized import tokenizer_hash
 from lora_exp.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,8 @@ def check_config(cfg) -> None:
     pack_tokens = cfg.get("pack_tokens")
     if pack_tokens is not None and (not isinstance(pack_tokens, int) or pack_tokens < cfg.max_seq_len):
         raise DataError(f"data.pack_tokens={pack_tokens!r}: expected an integer >= data.max_seq_len={cfg.max_seq_len}")
+    if not isinstance(cfg.get("cache", True), bool):
+        raise DataError(f"data.cache={cfg.get('cache')!r}: expected true or false")
 
 
 class InstructionDataModule(L.LightningDataModule):
@@ -67,6 +70,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.supervised_per_batch = 0.0
         self.fingerprint: str | None = None
         self.format: str | None = None
+        self._token_settings: dict | None = None
         self.renderer = Renderer(
             tokenizer, data_cfg.max_seq_len, data_cfg.get("train_on_prompt", False), data_cfg.get("chat_template")
         )
@@ -79,8 +83,8 @@ class InstructionDataModule(L.LightningDataModule):
         if source == "task":
             train, val = tasks.generate(cfg.task, cfg.num_train, cfg.num_val, cfg.get("data_seed", 0))
             return (
-                [sources.Record(r, f"task {cfg.task} train {i}") for i, r in enumerate(train)],
-                [sources.Record(r, f"task {cfg.task} val {i}") for i, r in enumerate(val)],
+                [sources.Record(r, f"task {cfg.task} train {i}", f"task {cfg.task}") for i, r in enumerate(train)],
+                [sources.Record(r, f"task {cfg.task} val {i}", f"task {cfg.task}") for i, r in enumerate(val)],
             )
         if source == "hub":
             train = sources.load_hub(cfg.hub_name, cfg.get("hub_config"), cfg.get("hub_split") or "train")
@@ -103,12 +107,10 @@ class InstructionDataModule(L.LightningDataModule):
         train, val = self.load_records()
         fields = formats.field_names(self.cfg.get("fields"))
         self.format = formats.resolve(self.cfg.get("format", "auto"), train, fields)
-        train_ex = [formats.convert(r, self.format, fields) for r in train]
-        val_ex = [formats.convert(r, self.format, fields) for r in val]
-        train_enc = self._encode(train_ex, train, "train")
-        val_enc = self._encode(val_ex, val, "val")
-        self.train_rows = [_row(e) for e in train_enc]
-        self.val_rows = [_row(e) for e in val_enc]
+        examples = formats.convert_all(train + val, self.format, fields)  # together: one warning per file
+        train_ex, val_ex = examples[: len(train)], examples[len(train) :]
+        self.train_rows = self._tokenize(train_ex, train, "train", fields)
+        self.val_rows = self._tokenize(val_ex, val, "val", fields)
         self.fingerprint = self._fingerprint(train_ex, val_ex)
         lengths = [len(r["input_ids"]) for r in self.train_rows]
         first_epoch = self._train_batches(lengths)
@@ -134,51 +136,15 @@ class InstructionDataModule(L.LightningDataModule):
             flush=True,
         )
 
-    def _encode(self, examples: list[dict], records: list[sources.Record], split: str) -> list[Encoded]:
-        rows: list[Encoded] = []
-        truncated = dropped = 0
-        first_dropped = None
-        for example, record in zip(examples, records):
-            try:
-                row = self.renderer.encode(example)
-                self.renderer.check(row)
-            except DataError as e:
-                raise DataError(f"{record.where}: {e}") from None
-            except Exception as e:  # a template that cannot render this record (jinja errors and the like)
-                msg = str(e).splitlines()[0] if str(e) else ""
-                raise DataError(
-                    f"{record.where}: cannot render with the chat template ({type(e).__name__}: {msg})"
-                ) from None
-            truncated += row.truncated
-            if row.n_supervised == 0:
-                dropped += 1
-                first_dropped = first_dropped or record.where
-                continue
-            rows.append(row)
-        self.truncated += truncated
-        max_len = self.cfg.max_seq_len
-        if examples and truncated == len(examples):
-            raise DataError(
-                f"every {split} example ({len(examples)}) is longer than data.max_seq_len={max_len} tokens; "
-                f"raise data.max_seq_len"
-            )
-        if examples and not rows:
-            raise DataError(
-                f"no {split} example has a supervised token left within data.max_seq_len={max_len} "
-                f"(first: {first_dropped})"
-            )
-        if truncated:
-            n = len(examples)
-            log.warning("%d of %d %s examples truncated to data.max_seq_len=%d", truncated, n, split, max_len)
-        if dropped:
-            log.warning(
-                "%d %s examples dropped: no supervised token within data.max_seq_len=%d (first: %s)",
-                dropped,
-                split,
-                max_len,
-                first_dropped,
-            )
-        return rows
+    def _tokenize(self, examples: list[dict], records: list[sources.Record], split: str, fields: dict) -> list[dict]:
+        """Token rows of one split, from the tokenized-data cache when ``data.cache`` allows (see tokenized)."""
+        if self._token_settings is None:  # the tokenizer hash costs ~0.1 s: once per setup
+            self._token_settings = tokenized.token_settings(self.renderer, self.format, fields)
+        result = tokenized.tokenize_split(
+            self.renderer, examples, records, split, self._token_settings, cache=bool(self.cfg.get("cache", True))
+        )
+        self.truncated += result.truncated
+        return result.rows
 
     def _fingerprint(self, train_ex: list[dict], val_ex: list[dict]) -> str:
         """sha256 of the examples, the chat template, the tokenizer and the settings that shape tokens."""
@@ -266,15 +232,3 @@ class InstructionDataModule(L.LightningDataModule):
     def pad_id(self) -> int:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def _row(e: Encoded) -> dict:
-    return {"input_ids": e.input_ids, "labels": e.labels, "truncated": e.truncated}
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """A hash of everything that decides how text becomes ids: vocabulary, merges, normalizer, specials."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    state = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    specials = json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True)
-    return hashlib.sha256((state + specials).encode()).hexdigest()

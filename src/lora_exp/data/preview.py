@@ -3,6 +3,8 @@
 Renders N examples exactly as training will (same config overrides as ``lora_exp.train``: chat
 template, masks, truncation) and prints them with the supervised text between ``[[`` and ``]]``
 (green on a terminal). ``--tokens`` prints one token per line with its id and label instead.
+What is printed is decoded from the very token ids training uses (the same tokenized-data cache),
+so a JSON value in the data shows as the JSON text it is trained as (``lora_exp.data.formats``).
 Loads the tokenizer only, never the model weights.
 """
 

@@ -4,11 +4,15 @@ Local text formats are read with the standard library, line by line, so that a m
 reported as ``file:line`` (``datasets``' JSON builder reports a pyarrow error without the line);
 Parquet goes through pyarrow. Hub data sets go through ``datasets.load_dataset``. Every record
 keeps where it came from, so later errors (a missing field) can name the file and line too.
+Text files must be UTF-8 (a leading byte-order mark is allowed); other bytes are a ``DataError``
+naming the line and the byte offset in the file, never a ``UnicodeDecodeError`` traceback.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
 import random
@@ -27,6 +31,8 @@ class Record:
 
     data: dict[str, Any]
     where: str
+    source: str = ""  # the file or data set, for warnings given once per file
+    pos: int = 0  # line or row number inside ``source``, to name the first of several records
 
 
 def read_file(path: str | Path, label: str = "data.train_path") -> list[Record]:
@@ -43,31 +49,46 @@ def read_file(path: str | Path, label: str = "data.train_path") -> list[Record]:
     return records
 
 
-def _read_jsonl(p: Path) -> list[Record]:
+def read_text(p: Path) -> str:
+    """The file as text; bytes that are not UTF-8 are a ``DataError`` naming the line and byte offset."""
+    data = p.read_bytes()
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        line = data.count(b"\n", 0, offset) + 1
+        raise DataError(
+            f"{p}:{line}: not UTF-8 text (byte 0x{data[offset]:02x} at byte offset {offset}); "
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _read_jsonl(p: Path, text: str | None = None) -> list[Record]:
     records = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: malformed JSON line ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            records.append(Record(obj, f"{p}:{lineno}"))
+    # split on "\n" only: str.splitlines would also split on U+2028 and friends, which JSON strings may hold
+    for lineno, line in enumerate((read_text(p) if text is None else text).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{p}:{lineno}: malformed JSON line ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        records.append(Record(obj, f"{p}:{lineno}", str(p), lineno))
     return records
 
 
 def _read_json(p: Path) -> list[Record]:
-    text = p.read_text(encoding="utf-8")
+    text = read_text(p)
     if not text.strip():
         return []
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines with a .json suffix
-            return _read_jsonl(p)
+            return _read_jsonl(p, text)
         raise DataError(f"{p}:{e.lineno}: malformed JSON ({e.msg}, column {e.colno})") from None
     if isinstance(obj, dict):  # {"data": [...]}, {"train": [...]}: the one list of records inside
         lists = [v for v in obj.values() if isinstance(v, list)]
@@ -80,21 +101,20 @@ def _read_json(p: Path) -> list[Record]:
     for i, item in enumerate(obj):
         if not isinstance(item, dict):
             raise DataError(f"{p}: record {i}: expected a JSON object, got {type(item).__name__}")
-        records.append(Record(item, f"{p}: record {i}"))
+        records.append(Record(item, f"{p}: record {i}", str(p), i))
     return records
 
 
 def _read_csv(p: Path) -> list[Record]:
     records = []
-    with p.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        try:
-            for row in reader:
-                if None in row:  # more cells than header columns
-                    raise DataError(f"{p}:{reader.line_num}: more values than the header has columns")
-                records.append(Record(dict(row), f"{p}:{reader.line_num}"))
-        except csv.Error as e:
-            raise DataError(f"{p}:{reader.line_num}: malformed CSV ({e})") from None
+    reader = csv.DictReader(io.StringIO(read_text(p), newline=""))
+    try:
+        for row in reader:
+            if None in row:  # more cells than header columns
+                raise DataError(f"{p}:{reader.line_num}: more values than the header has columns")
+            records.append(Record(dict(row), f"{p}:{reader.line_num}", str(p), reader.line_num))
+    except csv.Error as e:
+        raise DataError(f"{p}:{reader.line_num}: malformed CSV ({e})") from None
     return records
 
 
@@ -105,7 +125,7 @@ def _read_parquet(p: Path) -> list[Record]:
         rows = pq.read_table(p).to_pylist()
     except Exception as e:  # pyarrow raises several types for corrupt files
         raise DataError(f"{p}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return [Record(r, f"{p}: row {i}") for i, r in enumerate(rows)]
+    return [Record(r, f"{p}: row {i}", str(p), i) for i, r in enumerate(rows)]
 
 
 def load_hub(name: str, config: str | None, split: str) -> list[Record]:
@@ -125,7 +145,7 @@ def load_hub(name: str, config: str | None, split: str) -> list[Record]:
                 f"download it once with network access, {how}"
             ) from None
         raise DataError(f"data.hub_name={name} (split {split!r}) cannot be loaded: {msg}; {how}") from None
-    return [Record(dict(r), f"{name}[{split}] row {i}") for i, r in enumerate(ds)]
+    return [Record(dict(r), f"{name}[{split}] row {i}", f"{name}[{split}]", i) for i, r in enumerate(ds)]
 
 
 def held_out_split(records: list, val_size: float | int, seed: int) -> tuple[list, list]:
