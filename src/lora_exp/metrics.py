@@ -9,6 +9,15 @@ TRAIN_TIME_S = "train/time_s"
 TRAIN_LOOP_S = "time/train_loop_s"  # first training step start -> last step end, per-step overhead included
 FIRST_STEP_S = "time/first_step_s"  # process start (imports, data, weights) -> end of the first training step
 
+# compute accounting of the training steps run (lora_exp.training.callbacks.Throughput), all ranks together
+COMPUTE_TOKENS_REAL = "compute/tokens_real"  # non-padding tokens of the training micro-batches
+COMPUTE_TOKENS_SUPERVISED = "compute/tokens_supervised"  # positions whose next token the loss scores
+COMPUTE_TRAIN_FLOPS = "compute/train_flops"  # analytic matmul FLOPs, forward + backward (lora_exp.planning.flops)
+COMPUTE_WALL_S = "compute/wall_s"  # training loop wall time (first step start -> last step end, resumes summed)
+COMPUTE_DEVICE_HOURS = "compute/device_hours"  # compute/wall_s x devices (processes) / 3600
+COMPUTE_PEAK_MEM_MB = "compute/peak_mem_mb"  # CUDA allocator peak on GPU, peak resident set size on CPU (MiB)
+COMPUTE_MFU = "compute/mfu"  # train FLOPs / (step time x the GPU's peak FLOP/s); GPU runs only
+
 VAL_LOSS = "val/loss"  # mean cross-entropy over supervised held-out tokens
 VAL_PPL = "val/ppl"
 VAL_EXACT_MATCH = "val/exact_match"  # fraction of held-out responses reproduced token for token

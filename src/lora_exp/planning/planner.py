@@ -578,7 +578,9 @@ def format_plan(plan: Plan, cfg) -> str:
             f"{verdict} in plan.gpu_mem_gb={plan.gpu_mem_gb:g} "
             f"(with plan.overhead_gb={plan.overhead_gb:g} for CUDA context and fragmentation)"
         )
-    lines += [f"note: {n}" for n in plan.notes]
+    from lora_exp.planning.flops import plan_line  # flops imports this module
+
+    lines += [plan_line(plan, cfg), *(f"note: {n}" for n in plan.notes)]
     return "\n".join(lines)
 
 

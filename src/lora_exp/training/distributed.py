@@ -36,6 +36,7 @@ def trainer_kwargs(trainer_cfg) -> dict[str, Any]:
     import hydra
 
     kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
+    kwargs.pop("early_stopping", None)  # a callback (training/selection.py), not a Trainer argument
     strategy = kwargs.get("strategy")
     if isinstance(strategy, dict) and "_target_" in strategy:
         kwargs["strategy"] = hydra.utils.instantiate(trainer_cfg.strategy)
@@ -113,8 +114,11 @@ def sum_throughput(trainer, totals: dict[str, float]) -> dict[str, float]:
     from lora_exp import metrics as M
 
     out = dict(totals)
-    for key in (M.TRAIN_TOKENS, M.TRAIN_SUPERVISED_TOKENS):
-        local = torch.tensor(float(totals[key]), device=trainer.strategy.root_device)
+    summed = (M.TRAIN_TOKENS, M.TRAIN_SUPERVISED_TOKENS, M.COMPUTE_TOKENS_REAL, M.COMPUTE_TOKENS_SUPERVISED)
+    for key in (*summed, M.COMPUTE_TRAIN_FLOPS):
+        if key not in totals:  # no FLOPs figure for this model: absent on every rank alike
+            continue
+        local = torch.tensor(float(totals[key]), dtype=torch.float64, device=trainer.strategy.root_device)
         out[key] = int(trainer.strategy.reduce(local, reduce_op="sum").item())
     seconds = totals[M.TRAIN_TIME_S]
     out[M.TRAIN_TOKENS_PER_S] = out[M.TRAIN_TOKENS] / seconds if seconds else 0.0
