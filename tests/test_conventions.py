@@ -73,3 +73,29 @@ def test_resume_trains_on_for_more_steps_and_refuses_other_changes(tmp_path):
     # asked again for the same length: nothing left to do
     proc = train_cli(run_dir, *first, "resume=true", "trainer.max_steps=6")
     assert "already completed" in proc.stdout
+
+
+def _lora_exp(*args: str, env: dict | None = None) -> str:
+    """``lora-exp args...`` through the console script's entry point (``lora_exp.cli:main``)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from lora_exp.cli import main; sys.argv[0] = 'lora-exp'; main()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_shell_completion_of_the_installed_command():
+    script = _lora_exp("train", "-sc", "install=bash")
+    assert "complete -o nospace -o default -F hydra_bash_completion lora-exp" in script
+    # what bash asks while a line is typed: the command word, then the command's groups and keys
+    assert _lora_exp("-sc", "query=bash", env={"COMP_LINE": "lora-exp ev"}).split() == ["evaluate"]
+    options = _lora_exp("-sc", "query=bash", env={"COMP_LINE": "lora-exp train hparams_search="}).split()
+    assert "hparams_search=rank_alpha" in options and "hparams_search=optuna" in options
+    assert _lora_exp("-sc", "query=bash", env={"COMP_LINE": "lora-exp train lora.targ"}).split() == [
+        "lora.target_modules="
+    ]

@@ -64,7 +64,7 @@ def usage() -> str:
         *(f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()),
         "",
         "`lora-exp <command> --help` shows a command's own options. Hydra commands take key=value overrides;",
-        'shell completion: eval "$(python -m lora_exp.train -sc install=bash)" (see the README).',
+        'shell completion (bash): eval "$(lora-exp train -sc install=bash)" (see the README).',
     ]
     return "\n".join(lines)
 
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     import runpy
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _COMPLETION_FLAGS:  # the shell asks what may follow (Hydra's completion script)
+        return _complete(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return
@@ -82,5 +84,37 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lora-exp: error: no command {command!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     module = COMMANDS[command][0]
+    if any(a.split("=", 1)[0] in _COMPLETION_FLAGS for a in rest):
+        # Hydra names the completed command after argv[0]: the script it prints then completes `lora-exp`
+        sys.argv = ["lora-exp", *rest]
+        runpy.run_module(module, run_name="__main__")
+        return
     sys.argv = [f"lora-exp {command}", *rest]
     runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+
+_COMPLETION_FLAGS = ("-sc", "--shell-completion")
+# the commands that are Hydra apps, so Hydra can complete their groups and keys
+HYDRA_COMMANDS = ("train", "plan", "evaluate", "generate", "export")
+
+
+def _complete(argv: list[str]) -> None:
+    """Answer ``lora-exp -sc query=bash`` (``$COMP_LINE`` holds the line being typed).
+
+    The command word is completed here; after it, the command's own Hydra app completes the rest,
+    given the line without the command word (Hydra strips one app name from it).
+    """
+    import runpy
+
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) < 2 or (len(words) == 2 and not line.endswith(" ")):
+        typed = words[1] if len(words) == 2 else ""
+        print(" ".join(name for name in COMMANDS if name.startswith(typed)))
+        return
+    command = words[1]
+    if command not in HYDRA_COMMANDS:
+        return
+    os.environ["COMP_LINE"] = line.replace(command, "", 1)
+    sys.argv = ["lora-exp", *argv]
+    runpy.run_module(COMMANDS[command][0], run_name="__main__")

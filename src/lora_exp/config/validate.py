@@ -32,6 +32,10 @@ def validate(cfg) -> None:
 
 
 _CONFIG_FLAGS = ("--config-path", "-cp", "--config-dir", "-cd", "--config-name", "-cn")
+# Hydra flags that are not a run (shell completion answers partial command lines itself)
+_NOT_A_RUN = ("-sc", "--shell-completion")
+# Hydra flags whose value is the next argument, not an override
+_VALUE_FLAGS = ("--cfg", "-c", "--package", "-p", "--info", "--experimental-rerun")
 
 
 def override_problems(args: list[str], config_name: str = "train") -> list[str]:
@@ -45,7 +49,10 @@ def override_problems(args: list[str], config_name: str = "train") -> list[str]:
 
     if any(a.split("=", 1)[0] in _CONFIG_FLAGS for a in args):
         return []
-    overrides = [a for a in args if not a.startswith("-")]
+    if any(a.split("=", 1)[0] in _NOT_A_RUN for a in args):
+        return []
+    flag_values = {i + 1 for i, a in enumerate(args) if a in _VALUE_FLAGS}
+    overrides = [a for i, a in enumerate(args) if not a.startswith("-") and i not in flag_values]
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:
