@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lora_exp import metrics as M
+from lora_exp import report as report_cmd
 from lora_exp.reporting import report
 
 
@@ -18,7 +19,7 @@ from lora_exp.reporting import report
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exit_info:
-        report.main([a.format(tmp=tmp_path) for a in args])
+        report_cmd.main([a.format(tmp=tmp_path) for a in args])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("lora_exp.report: error:") and message in err

@@ -94,3 +94,8 @@ def base(key: str) -> str:
 def best(key: str) -> str:
     """The key under which the best value of a metric during the run is recorded."""
     return BEST_PREFIX + key
+
+
+def goal(key: str) -> str | None:
+    """Which way is better for ``key`` (``"min"`` or ``"max"``, ``best/`` values included); None if neither."""
+    return GOALS.get(key.removeprefix(BEST_PREFIX))

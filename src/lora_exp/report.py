@@ -1,20 +1,9 @@
-"""``python -m lora_exp.report SWEEP_DIR...``: a comparison report over a sweep's run directories.
+"""``python -m lora_exp.report SWEEP_DIR... [--metric M] [--baseline KEY=VALUE...] [--out DIR] [--offline]``.
 
-Writes ``<first SWEEP_DIR>/report/`` (or ``--out``):
-
-- ``results.csv``: one row per configuration, seeds aggregated: for every metric its number of
-  runs, mean, sample std and 95% t-interval (columns ``<metric>:<stat>``), and the run
-  directories each row was computed from;
-- ``runs.csv``: one row per run directory (failed ones too) with its status and raw metrics;
-- ``results.tex`` (booktabs, mean ± std, the best value of each column bold), ``report.md`` and a
-  self-contained ``report.html`` (plots embedded);
-- PNG plots: held-out metric vs rank per target set, a rank x alpha heatmap, loss curves per
-  configuration, metric vs trainable parameters.
-
-Everything comes from local files (``metrics.json``, ``.hydra/``, ``history.jsonl`` or the CSV
-logger's ``metrics.csv``), so the report works offline and every number traces back to a run
-directory. When logged in to W&B it also lists W&B runs of the sweep's group that are not on this
-machine and creates a W&B Report for the group (``wandb-workspaces``); neither is needed offline.
+A comparison report over a sweep's run directories: per-configuration statistics over seeds,
+every configuration tested against the best one (and a named baseline) with seed-paired or
+Welch's t-tests, Holm-corrected; tables (CSV, LaTeX, Markdown, HTML) with the significance marks,
+plots, and a W&B summary run of the tables. See ``lora_exp.reporting.report`` for the files.
 """
 
 from __future__ import annotations
@@ -36,10 +25,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metric", default=M.VAL_LOSS, help=f"metric of plots and 'best' (default {M.VAL_LOSS})")
     parser.add_argument("--offline", action="store_true", help="never contact W&B, even when logged in")
     parser.add_argument("--entity", default=None, help="W&B entity for the online report (default: yours)")
+    parser.add_argument(
+        "--baseline",
+        nargs="+",
+        metavar="KEY=VALUE",
+        default=None,
+        help="also compare every configuration with this one (e.g. --baseline lora.r=8 lora.target_modules=qv)",
+    )
+    parser.add_argument("--alpha", type=float, default=0.05, help="family-wise significance level (default 0.05)")
     args = parser.parse_args(argv)
     from lora_exp.reporting.report import build_report
 
-    cli.run("report", build_report, args.sweep_dirs, args.out, args.metric, online=not args.offline, entity=args.entity)
+    cli.run(
+        "report",
+        build_report,
+        args.sweep_dirs,
+        args.out,
+        args.metric,
+        online=not args.offline,
+        entity=args.entity,
+        baseline=args.baseline,
+        alpha=args.alpha,
+    )
 
 
 if __name__ == "__main__":
