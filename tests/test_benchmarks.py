@@ -166,3 +166,31 @@ def test_shipped_readme_has_a_section_per_measured_capability():
     for label in ("AVX512-BF16", "AVX512 without bf16"):
         assert speed_report.README_BEGIN.format(label) in text
         assert speed_report.README_END.format(label) in text
+
+
+def test_gpu_check_parity_passes_and_catches_examples_attending_to_each_other(tmp_path, monkeypatch):
+    """The parity stage on a tiny Llama (CPU, fp32): padded == padding-free; and when the flattened
+    row's positions do not restart (examples see each other), the LoRA gradients give it away
+    although the loss of random weights barely moves."""
+    import torch
+
+    from lora_exp.data import packing
+
+    args = gpu_check.parse_args(["--smoke", "--seq", "64"])
+    folder = gpu_check.build_random_folder(gpu_check.architecture(smoke=True), tmp_path / "model", "cpu")
+    train, val, _ = gpu_check.write_data(folder, tmp_path / "data", 4, args.seq, args.batch)
+    overrides = [*gpu_check.train_overrides(folder, train, val, args), "trainer.accelerator=cpu"]
+    ok = gpu_check.parity(overrides, args.batch)
+    assert ok["ok"] and ok["supervised_tokens"][0] == ok["supervised_tokens"][1]
+    assert ok["shapes"]["padded"][0] == 2 and ok["shapes"]["padding_free"][0] == 1
+
+    flatten = packing.PackCollator.__call__
+
+    def leaky(self, rows):
+        out = flatten(self, rows)
+        out["position_ids"] = torch.arange(out["input_ids"].shape[1]).unsqueeze(0)
+        return out
+
+    monkeypatch.setattr(packing.PackCollator, "__call__", leaky)
+    bad = gpu_check.parity(overrides, args.batch)
+    assert not bad["ok"] and bad["grad_rel_err"] > gpu_check.PARITY_GRAD_RTOL
