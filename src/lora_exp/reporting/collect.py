@@ -15,7 +15,7 @@ from typing import Any
 
 from lora_exp import metrics as M
 from lora_exp.errors import UserError
-from lora_exp.runs.rundir import METRICS_FILE
+from lora_exp.runs.rundir import METRICS_FILE, RunDir
 
 REPORT_DIR = "report"
 STATS = ("n", "mean", "std", "ci95_lo", "ci95_hi")
@@ -82,37 +82,26 @@ def scalar(text: str) -> Any:
     return value if isinstance(value, (int, float, str, bool)) or value is None else text
 
 
-def _overrides(run_dir: Path) -> dict[str, Any]:
-    import yaml
-
-    path = run_dir / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        return {}
+def _overrides(run: RunDir) -> dict[str, Any]:
     out = {}
-    for item in yaml.safe_load(path.read_text()) or []:
-        key, _, value = str(item).partition("=")
+    for item in run.overrides():
+        key, _, value = item.partition("=")
         out[key.lstrip("+~")] = scalar(value)
     return out
 
 
-def _config_value(run_dir: Path, key: str) -> Any:
+def _config_value(run: RunDir, key: str) -> Any:
     """A key of the run's composed config (``.hydra/config.yaml``), or its config-group choice."""
     from omegaconf import OmegaConf
 
-    cfg_path = run_dir / ".hydra" / "config.yaml"
-    if not cfg_path.is_file():
-        return None
     try:
-        value = OmegaConf.select(OmegaConf.load(cfg_path), key, throw_on_resolution_failure=False)
-    except Exception:
+        value = OmegaConf.select(run.config(), key, throw_on_resolution_failure=False)
+    except Exception:  # no or unreadable config: the value is unknown, the run still counts
         return None
     if OmegaConf.is_list(value):
         return ",".join(str(v) for v in value)
     if OmegaConf.is_dict(value):
-        hydra_file = run_dir / ".hydra" / "hydra.yaml"
-        if hydra_file.is_file():
-            return (OmegaConf.select(OmegaConf.load(hydra_file), "hydra.runtime.choices") or {}).get(key)
-        return None
+        return run.group_choice(key)
     return value
 
 
@@ -122,7 +111,7 @@ def load_runs(sweep_dirs: list[Path]) -> list[RunResult]:
     Keys that never vary across the runs are dropped, except rank, alpha and target modules
     (they name the setup).
     """
-    dirs = find_run_dirs(sweep_dirs)
+    dirs = [RunDir(d) for d in find_run_dirs(sweep_dirs)]
     overrides = {d: _overrides(d) for d in dirs}
     keys = list(LORA_KEYS)
     for o in overrides.values():
@@ -130,12 +119,14 @@ def load_runs(sweep_dirs: list[Path]) -> list[RunResult]:
     runs = []
     for d in dirs:
         try:
-            record = json.loads((d / METRICS_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as e:
+            record = d.metrics()
+        except (OSError, ValueError) as e:
             record = {M.STATUS: "unreadable", M.ERROR: f"{METRICS_FILE}: {e}"}
         config = {k: overrides[d][k] if k in overrides[d] else _config_value(d, k) for k in keys}
         seed = overrides[d].get(SEED, _config_value(d, SEED))
-        runs.append(RunResult(d, str(record.get(M.STATUS, "unknown")), record, config, seed, record.get(M.ERROR)))
+        # RunDir's status: a `running` record whose process is gone reads as interrupted
+        status = d.status() or str(record.get(M.STATUS, "unknown"))
+        runs.append(RunResult(d.path, status, record, config, seed, record.get(M.ERROR)))
     varying = {k for k in keys if len({json.dumps(r.config[k], default=str) for r in runs}) > 1}
     for r in runs:
         r.config = {k: v for k, v in r.config.items() if k in varying or (k in LORA_KEYS and v is not None)}

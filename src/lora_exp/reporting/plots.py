@@ -102,9 +102,9 @@ def _heatmap(df, metric: str, out: Path, written: dict[str, str]) -> None:
 
 def _curves(run: RunResult) -> list[dict[str, Any]]:
     """A run's logged metrics over steps: ``history.jsonl``, else the CSV logger's ``metrics.csv``."""
-    from lora_exp.training.loggers import read_history
+    from lora_exp.runs.rundir import RunDir
 
-    rows = read_history(run.path)
+    rows = RunDir(run.path).history()
     if rows:
         return rows
     for path in sorted(run.path.glob("csv/**/metrics.csv")):
