@@ -24,6 +24,7 @@ VAL_EXACT_MATCH = "val/exact_match"  # fraction of held-out responses reproduced
 VAL_TOKEN_ACC = "val/token_acc"
 
 VAL_METRICS = (VAL_LOSS, VAL_PPL, VAL_EXACT_MATCH, VAL_TOKEN_ACC)
+VAL_PREFIX = "val/"  # data.eval_sets.<name> is recorded as val/<name>/loss, ... (eval_set())
 
 BASE_PREFIX = "base/"  # the same validation metrics, measured on the base model before training
 
@@ -39,6 +40,10 @@ STATUS_RUNNING = "running"
 STATUS_COMPLETED = "completed"
 STATUS_FAILED = "failed"
 STATUS_INTERRUPTED = "interrupted"
+CHECKPOINT_SELECT = "checkpoint/select"  # last or best: which step adapter/ holds (training/selection.py)
+SELECTED_STEP = "checkpoint/selected_step"  # the optimizer step of the weights in adapter/
+FINAL_STEP = "checkpoint/final_step"  # the last optimizer step trained
+LAST_PREFIX = "last/"  # with checkpoint.select=best: the last step's metrics, when another step was selected
 STOP_REASON = "stop_reason"  # why a run ended early, when it did
 STOP_NON_FINITE_LOSS = "non_finite_loss"
 
@@ -50,6 +55,7 @@ DATA_TRAIN_TOKENS = "data/train_tokens"  # tokens in the training set after trun
 DATA_TRUNCATED = "data/truncated"  # examples cut at data.max_seq_len (train + held-out)
 DATA_DROPPED = "data/dropped"  # examples left with no supervised token, not used
 DATA_PACKING = "data/packing"
+DATA_BATCHING = "data/batching"  # packed (token budget), padding_free (batch_size examples, one row) or padded
 DATA_PADDING_FRACTION = "data/padding_fraction"  # padding share of the first epoch's training batches
 DATA_FINGERPRINT = "data/fingerprint"  # sha256 of examples + chat template + tokenizer + settings
 
@@ -98,4 +104,20 @@ def best(key: str) -> str:
 
 def goal(key: str) -> str | None:
     """Which way is better for ``key`` (``"min"`` or ``"max"``, ``best/`` values included); None if neither."""
-    return GOALS.get(key.removeprefix(BEST_PREFIX))
+    return GOALS.get(eval_set_metric(key.removeprefix(BEST_PREFIX)))
+
+
+def eval_set(name: str, key: str) -> str:
+    """The key of validation metric ``key`` (``val/loss``, ...) measured on the named set ``data.eval_sets.<name>``.
+
+    ``eval_set("probe", VAL_PPL) == "val/probe/ppl"``; the base model's is ``base(eval_set(...))``.
+    """
+    return f"{VAL_PREFIX}{name}/{key.removeprefix(VAL_PREFIX)}"
+
+
+def eval_set_metric(key: str) -> str:
+    """The held-out metric an eval-set key measures (``val/probe/ppl`` -> ``val/ppl``); other keys unchanged."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] + "/" == VAL_PREFIX and f"{VAL_PREFIX}{parts[2]}" in VAL_METRICS:
+        return f"{VAL_PREFIX}{parts[2]}"
+    return key

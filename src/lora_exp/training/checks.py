@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 from lora_exp.config.schema import Check, run_checks
+from lora_exp.training import full
 from lora_exp.training.loss import LOSSES
+from lora_exp.training.selection import SELECT
 
 # Lightning's precision names ("auto": follows the hardware, see model/precision.py)
 PRECISIONS = (
@@ -22,8 +24,11 @@ PRECISIONS = (
 
 RUN_CHECKS = (
     Check("seed", "int", low=0),
+    # lora: train a LoRA adapter (the lora group); full: every weight (training/full.py)
+    Check("method", "choice", choices=full.METHODS, default="lora"),
     Check("resume", "bool", default=False),
     Check("checkpoint.every_n_steps", "int", low=1, optional=True),
+    Check("checkpoint.select", "choice", choices=SELECT, default="last"),
     Check("speed.*", "bool"),
     # "auto": liger on CUDA when installed, else chunked (model/precision.py)
     Check("loss.impl", "choice", choices=("auto", *LOSSES), default="chunked"),
@@ -35,6 +40,7 @@ TRAINER_CHECKS = (
     Check("trainer.accumulate_grad_batches", "int", low=1, optional=True),
     Check("trainer.devices", "int", low=1, optional=True, text_ok=True),  # also "auto", "0,1", [0, 1]
     Check("trainer.precision", "choice", choices=PRECISIONS, optional=True),
+    Check("trainer.early_stopping.patience", "int", low=1, optional=True),
 )
 
 # read by LoraModule.configure_optimizers and loraplus_optimizer (training/module.py)
@@ -54,6 +60,7 @@ def check(cfg, problems: list[str]) -> None:
     from omegaconf import OmegaConf
 
     run_checks(cfg, (*RUN_CHECKS, *TRAINER_CHECKS, *OPTIM_CHECKS), problems)
+    full.check(cfg, problems)  # method=full with keys it cannot honour (quant, LoRA+, lora.*)
     strategy = OmegaConf.select(cfg, "trainer.strategy")
     if isinstance(strategy, str) and strategy.startswith("deepspeed") and not importlib.util.find_spec("deepspeed"):
         problems.append(f"trainer.strategy={strategy} needs DeepSpeed: pip install deepspeed (CUDA GPUs)")

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from lora_exp import metrics as M
 from lora_exp.runs import provenance
 from lora_exp.runs.rundir import RunDir, RunRecord, as_disk_error
+from lora_exp.training import full
 from lora_exp.training.distributed import is_global_zero
 from lora_exp.training.resume import GracefulStop, RunInterrupted
 
@@ -31,6 +32,7 @@ class Recipe:
         self.cfg, self.run, self.record, self.previous, self.stop = cfg, run, record, previous, stop
         self.started = time.perf_counter()
         self.ckpt_path: Path | None = None
+        self.full = full.is_full(cfg)  # method=full: every weight trained, saved as RUN/model/
 
     def train(self) -> str | None:
         """Train and fill the record; return the end-of-run summary (None on ranks other than 0)."""
@@ -71,9 +73,14 @@ class Recipe:
         else:
             base = load_base_model(cfg.model, self.folder, cfg.get("quant"), fsdp=distributed.is_fsdp(cfg.trainer))
             L.seed_everything(cfg.seed, workers=True, verbose=False)  # right before wrapping: LoRA init is seeded
-            model = lora.wrap(base, cfg.lora)
+            if self.full:
+                model = base
+                full.train_every_weight(model)
+            else:
+                model = lora.wrap(base, cfg.lora)
             fastpath.install(model, cfg.get("speed"))
-        self.initial_adapter = self.run.initial_adapter if lora.mutates_base(cfg.lora) else None
+        mutates = not self.full and lora.mutates_base(cfg.lora)
+        self.initial_adapter = self.run.initial_adapter if mutates else None
         if self.initial_adapter and is_global_zero():  # PiSSA / OLoRA: the reference for the final conversion
             lora.save_initial_adapter(model, self.initial_adapter)
         if cfg.model.get("compile"):
@@ -87,16 +94,18 @@ class Recipe:
         from lora_exp.training import resume
 
         cfg, model = self.cfg, self.model
-        trainable, total = lora.param_counts(model)
+        trainable, total = full.param_counts(model) if self.full else lora.param_counts(model)
         self.record.update(
             {
+                "method": full.method(cfg),
                 M.TRAINABLE_PARAMS: trainable,
                 M.TOTAL_PARAMS: total,
-                M.LORA_SCALING: lora.lora_scaling(cfg.lora),
-                "lora/target_modules": lora.resolve_target_modules(cfg.lora.target_modules),
                 **self.datamodule.stats,  # data/*: examples, truncation, padding fraction, fingerprint
             }
         )
+        if not self.full:  # a full fine-tune has no adapter: no scaling, no target modules
+            self.record[M.LORA_SCALING] = lora.lora_scaling(cfg.lora)
+            self.record["lora/target_modules"] = lora.resolve_target_modules(cfg.lora.target_modules)
         if self.previous:
             self.ckpt_path = resume.latest_checkpoint(self.run.checkpoints)
             if self.ckpt_path:
@@ -124,6 +133,7 @@ class Recipe:
         from lora_exp.training.callbacks import Throughput
         from lora_exp.training.loggers import HistoryLogger, wandb_record
         from lora_exp.training.module import LoraModule
+        from lora_exp.training.selection import SelectCheckpoint, early_stopping
 
         cfg = self.cfg
         self.module = LoraModule(
@@ -134,7 +144,10 @@ class Recipe:
             lean_casts=bool((cfg.get("speed") or {}).get("no_input_cast", False)),
         )
         self.throughput = Throughput()
+        metric = str(cfg.get("optimized_metric") or M.VAL_LOSS)
+        self.selection = SelectCheckpoint(metric, str((cfg.get("checkpoint") or {}).get("select") or "last"))
         callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values()] + [self.throughput]
+        callbacks += [self.selection] + [c for c in [early_stopping(cfg, metric)] if c is not None]
         # exact resume (RNG, data position), a stop before a NaN/inf loss reaches the adapter, signals
         callbacks += [resume.RngState(), resume.RestoreDataPosition(), resume.StopOnNonFiniteLoss(), self.stop]
         self.loggers = [_instantiate_logger(c, self.previous) for c in (cfg.get("logger") or {}).values()]
@@ -156,8 +169,8 @@ class Recipe:
             plugins=[resume.AtomicCheckpointIO()],  # a kill during a save never corrupts the latest checkpoint
         )
         hparams = OmegaConf.to_container(cfg, resolve=True)
-        derived = (M.TRAINABLE_PARAMS, M.TOTAL_PARAMS, M.LORA_SCALING, "lora/target_modules")
-        hparams["derived"] = {k: self.record[k] for k in derived}
+        derived = ("method", M.TRAINABLE_PARAMS, M.TOTAL_PARAMS, M.LORA_SCALING, "lora/target_modules")
+        hparams["derived"] = {k: self.record[k] for k in derived if k in self.record}
         for logger in self.loggers:
             logger.log_hyperparams(hparams)
 
@@ -180,7 +193,7 @@ class Recipe:
         except resume.NonFiniteLossError:
             record[M.STOP_REASON] = M.STOP_NON_FINITE_LOSS
             if trainer.is_global_zero:
-                _export_last_good_adapter(module, self.run, self.initial_adapter)
+                _export_last_good_adapter(module, self.run, self.initial_adapter, self.tokenizer if self.full else None)
             raise
         except RunInterrupted:
             record[M.STEPS] = trainer.global_step
@@ -188,8 +201,19 @@ class Recipe:
         self.stop.check()  # a signal during the last step's hooks
         if evaluate and module.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
+            self.selection.consider(module, trainer.global_step)  # the final step is a candidate too
         if evaluate:
             record.update(module.last_val)
+        # checkpoint.select=best: the best validation's weights go to adapter/, with its metrics
+        record.update(self.selection.record(trainer.global_step, module.last_val if evaluate else {}))
+        if self.selection.restore_best(module) and self.selection.best_step != trainer.global_step:
+            log.info(
+                "checkpoint.select=best: adapter/ holds step %d (%s %.4f); the last step was %d",
+                self.selection.best_step,
+                self.selection.metric,
+                self.selection.best_value,
+                trainer.global_step,
+            )
         record.update(distributed.sum_throughput(trainer, self.throughput.totals()))
         record[M.WORLD_SIZE] = trainer.world_size
         record.update(self.history.best())
@@ -209,14 +233,22 @@ class Recipe:
         state = _unprefixed(trainer.strategy.lightning_module_state_dict()) if fsdp else None
         if not trainer.is_global_zero:
             return None
-        save_adapter_atomically(self.model, self.run, self.initial_adapter, state)
-        if self.initial_adapter:
-            shutil.rmtree(self.initial_adapter, ignore_errors=True)
-        provenance.update_run_json(self.run.path, adapter_sha256=self.run.adapter_sha256())
+        if self.full:  # method=full: the whole model as a plain HF folder, RUN/model/
+            full.save_model_atomically(self.model, self.tokenizer, self.run, state)
+            provenance.update_run_json(self.run.path, model_sha256=full.model_sha256(self.run.model))
+        else:
+            save_adapter_atomically(self.model, self.run, self.initial_adapter, state)
+            if self.initial_adapter:
+                shutil.rmtree(self.initial_adapter, ignore_errors=True)
+            provenance.update_run_json(self.run.path, adapter_sha256=self.run.adapter_sha256())
         record["time/total_s"] = round(time.perf_counter() - self.started, 1)
         for wandb_logger in wandb_loggers(self.loggers):
             rows = self.samples.rows if self.samples else None
-            wandb_logger.log_run_end({**record, M.STATUS: M.STATUS_COMPLETED}, self.run.adapter, rows)
+            # a whole model is not uploaded as an artifact unasked (gigabytes per sweep point)
+            artifact = None if self.full else self.run.adapter
+            wandb_logger.log_run_end({**record, M.STATUS: M.STATUS_COMPLETED}, artifact, rows)
+        if self.full:
+            return summary(record, full.trainable_params_line(self.model), self.run.model, label="model")
         return summary(record, lora.trainable_params_line(self.model), self.run.adapter)
 
 
@@ -232,7 +264,7 @@ def save_adapter_atomically(model, run: RunDir, initial_adapter: Path | None, st
         replace_dir(tmp, run.adapter)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        disk = as_disk_error(e, tmp)
+        disk = as_disk_error(e, run.adapter)
         if disk is not None:
             raise disk from e
         raise
@@ -247,8 +279,11 @@ def _instantiate_logger(logger_cfg, previous: dict[str, Any]):
     return hydra.utils.instantiate(logger_cfg)
 
 
-def _export_last_good_adapter(module, run: RunDir, initial_adapter: Path | None) -> None:
-    """After a non-finite loss: save the adapter of the newest checkpoint, reached with finite losses only."""
+def _export_last_good_adapter(module, run: RunDir, initial_adapter: Path | None, tokenizer=None) -> None:
+    """After a non-finite loss: save the adapter of the newest checkpoint, reached with finite losses only.
+
+    With a ``tokenizer`` (``method=full``) the whole model is saved to ``model/`` instead.
+    """
     import torch
 
     from lora_exp.training.resume import latest_checkpoint
@@ -262,6 +297,10 @@ def _export_last_good_adapter(module, run: RunDir, initial_adapter: Path | None)
         log.warning("the newest checkpoint already holds non-finite weights: no adapter saved")
         return
     module.load_state_dict(state, strict=False)
+    if tokenizer is not None:
+        full.save_model_atomically(module.model, tokenizer, run)
+        log.warning("saved the model of the last good checkpoint (%s) to %s", ckpt.name, run.model)
+        return
     save_adapter_atomically(module.model, run, initial_adapter)
     log.warning("saved the adapter of the last good checkpoint (%s) to %s", ckpt.name, run.adapter)
 
@@ -301,7 +340,7 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).propagate = True
 
 
-def summary(record: dict[str, Any], params_line: str, adapter: Path) -> str:
+def summary(record: dict[str, Any], params_line: str, adapter: Path, label: str = "adapter") -> str:
     """The short end-of-run report: PEFT's parameter line, held-out metrics before -> after, the adapter."""
     lines = ["", "=" * 64, params_line]
     rows = [k for k in M.VAL_METRICS if k in record]
@@ -314,7 +353,7 @@ def summary(record: dict[str, Any], params_line: str, adapter: Path) -> str:
         f"trained {record.get(M.STEPS, 0)} steps on {record.get(M.TRAIN_TOKENS, 0):,} real tokens "
         f"at {record.get(M.TRAIN_TOKENS_PER_S, 0):.0f} tokens/s; run took {record.get('time/total_s', 0):.0f} s"
     )
-    lines.append(f"adapter: {adapter}")
+    lines.append(f"{label}: {adapter}")
     lines.append("=" * 64)
     return "\n".join(lines)
 
