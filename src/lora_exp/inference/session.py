@@ -63,6 +63,11 @@ def load_run(path: str | Path, name: str | None = None) -> Run:
     if not run.config_file.is_file():
         config = run.config_file.relative_to(run.path)
         raise RunDirError(f"run_dir={path}: no {config} (not a lora_exp.train run directory)")
+    if not run.has_adapter() and (run.has_model() or run.config().get("method") == "full"):
+        raise RunDirError(
+            f"run_dir={path} is a full fine-tune (method=full): it has no adapter; its trained model is the plain "
+            f"HF folder {run.model} (transformers' from_pretrained loads it, or model.path={run.model})"
+        )
     if not run.has_adapter():
         raise RunDirError(
             f"run_dir={path}: no {ADAPTER_DIR}/adapter_config.json (the run did not finish; see its metrics.json)"

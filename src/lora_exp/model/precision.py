@@ -9,6 +9,12 @@ The rule (``resolve``), for every key left at ``auto``:
 | CPU with native bf16 (AVX512-BF16, AMX)  | bfloat16        | bf16-mixed            | bfloat16      |
 | any other CPU (AVX2, AVX512 without BF16)| float32         | 32-true               | float32       |
 
+Full fine-tuning (``method=full``) trains every weight, so the model's own weights are the master
+weights the optimizer updates: ``auto`` then resolves ``model.dtype`` to float32 on every device
+(bf16 weights would lose updates smaller than their 8-bit mantissa resolves), while
+``trainer.precision`` keeps the device's mixed choice, so the matmuls still run under bf16 / fp16
+autocast where the device has it (the usual mixed-precision recipe).
+
 Why: bf16 is only fast where the hardware multiplies in bf16. On an AVX2 CPU a bf16 matmul runs
 ~50x slower than fp32 (torch emulates it), so fp32 is the fast choice there. On a GPU without
 bf16, fp16 autocast with loss scaling (Lightning's ``16-mixed`` uses a GradScaler) is the usual
@@ -147,14 +153,19 @@ def choose(
     attn_implementation: str = AUTO,
     loss_impl: str = AUTO,
     quantized: bool = False,
+    full_weights: bool = False,
 ) -> Choices:
-    """Resolve every ``auto`` among the given values for ``device``; explicit values are kept."""
+    """Resolve every ``auto`` among the given values for ``device``; explicit values are kept.
+
+    ``full_weights`` (``method=full``): every weight is trained, so an ``auto`` model dtype is
+    float32 (fp32 master weights) whatever the device; the trainer precision is unaffected.
+    """
     half = "bfloat16" if device.bf16 else ("float16" if device.kind == "cuda" else "float32")
     mixed = {"bfloat16": "bf16-mixed", "float16": "16-mixed", "float32": "32-true"}[half]
     auto_keys = []
     if str(model_dtype) == AUTO:
         auto_keys.append("model.dtype")
-        model_dtype = half
+        model_dtype = "float32" if full_weights else half
     if str(trainer_precision) == AUTO:
         auto_keys.append("trainer.precision")
         trainer_precision = mixed
@@ -232,6 +243,7 @@ def resolve(cfg, device: Device | None = None) -> Choices:
         attn_implementation=str(cfg.model.get("attn_implementation") or AUTO),
         loss_impl=str((cfg.get("loss") or {}).get("impl", AUTO)),
         quantized=quantized,
+        full_weights=str(cfg.get("method") or "lora") == "full",
     )
     with open_dict(cfg):
         cfg.model.dtype = choices.model_dtype

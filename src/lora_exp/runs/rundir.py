@@ -24,6 +24,7 @@ RUN_FILE = "run.json"
 FREEZE_FILE = "pip-freeze.txt"
 HISTORY_FILE = "history.jsonl"  # every logged metric, one JSON line per logging call
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"  # method=full: the whole fine-tuned model, a plain HF folder (weights + tokenizer)
 INITIAL_ADAPTER_DIR = "initial_adapter"  # PiSSA / OLoRA: the adapter before training, removed at the end
 CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
@@ -160,6 +161,11 @@ class RunDir:
         return self.adapter / ADAPTER_CONFIG
 
     @property
+    def model(self) -> Path:
+        """A full fine-tune's trained model (``method=full``), in place of ``adapter/``."""
+        return self.path / MODEL_DIR
+
+    @property
     def initial_adapter(self) -> Path:
         return self.path / INITIAL_ADAPTER_DIR
 
@@ -287,12 +293,16 @@ class RunDir:
         A completed run, or any trained state (checkpoints, adapter). A run that failed before
         training (a config error) holds nothing of value.
         """
-        if self.status() == M.STATUS_COMPLETED or self.adapter.is_dir():
+        if self.status() == M.STATUS_COMPLETED or self.adapter.is_dir() or self.model.is_dir():
             return True
         return self.checkpoints.is_dir() and any(self.checkpoints.glob("*.ckpt"))
 
     def has_adapter(self) -> bool:
         return self.adapter_config_file.is_file()
+
+    def has_model(self) -> bool:
+        """Whether a full fine-tune saved its model here (``model/config.json``)."""
+        return (self.model / "config.json").is_file()
 
 
 def find_run_dirs(path: Path) -> list[Path]:

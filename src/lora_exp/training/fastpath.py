@@ -187,10 +187,16 @@ def lean_casts(peft_model, enabled: bool):
 
 
 def install(peft_model, speed_cfg) -> list[str]:
-    """Switch on the ``speed.*`` levers that act on the model; returns what was switched on."""
+    """Switch on the ``speed.*`` levers that act on the model; returns what was switched on.
+
+    ``peft_model`` may also be a plain causal LM (``method=full``): packed attention applies as is,
+    and there is no LoRA dropout to replace.
+    """
+    from lora_exp.training.loss import causal_lm_of
+
     speed_cfg = speed_cfg or {}
     done = []
-    base = peft_model.get_base_model()
+    base = causal_lm_of(peft_model)
     if speed_cfg.get("packed_attention", False) and base.config._attn_implementation == "sdpa":
         base.set_attn_implementation(register_attention())
         done.append("packed_attention")

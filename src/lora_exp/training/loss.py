@@ -32,6 +32,11 @@ def flash_kwargs(batch: dict) -> dict:
     return {k: batch[k] for k in FLASH_KEYS if k in batch}
 
 
+def causal_lm_of(model):
+    """The transformers causal LM inside ``model``: a PEFT model's base, or ``model`` itself (``method=full``)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def _chunk_ce(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
 
@@ -55,14 +60,15 @@ def causal_lm_loss(peft_model, batch: dict, chunk_size: int = 4096, with_accurac
     """Shifted next-token cross-entropy of ``batch`` under ``peft_model``.
 
     Args:
-        peft_model: a PEFT-wrapped causal LM (LoRA layers are injected in place).
+        peft_model: a PEFT-wrapped causal LM (LoRA layers are injected in place), or a plain
+            causal LM (full fine-tuning).
         batch: ``input_ids``, ``labels`` (``-100`` = unsupervised), optional ``attention_mask``
             and ``position_ids``.
         chunk_size: supervised positions per LM-head chunk.
         with_accuracy: also count argmax hits and fully-correct examples (teacher forcing; a
             fully-correct example is exactly what greedy decoding would produce).
     """
-    causal_lm = peft_model.get_base_model()
+    causal_lm = causal_lm_of(peft_model)
     head = causal_lm.get_output_embeddings()
     hidden, targets, mask = _supervised_hidden(causal_lm, batch)
     rows = mask.nonzero()[:, 0]
@@ -116,7 +122,7 @@ def liger_loss(peft_model, batch: dict, chunk_size: int = 4096) -> LossOutput:
     """
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    causal_lm = peft_model.get_base_model()
+    causal_lm = causal_lm_of(peft_model)
     head = causal_lm.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return causal_lm_loss(peft_model, batch, chunk_size)
