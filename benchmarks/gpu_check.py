@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from speed_gpu import flops_per_token, peak_tflops  # noqa: E402
+from speed_gpu import effective_seq, flops_per_token, llama_params, mfu, peak_tflops  # noqa: E402
 
 PARITY_LOSS_RTOL = 1e-2  # bf16 keeps 8 significant bits: ~0.4% per rounding, a few roundings deep
 # LoRA gradients pass through 32 layers of bf16 forward and backward, summed in different orders;
@@ -52,33 +52,7 @@ class CheckFailed(RuntimeError):
     """One stage's check did not hold."""
 
 
-# ---- arithmetic (unit-tested in tests/test_benchmarks.py) --------------------------------------------
-def llama_params(arch: dict) -> tuple[int, int]:
-    """(all parameters, parameters without the input embedding) of a Llama with this config."""
-    h, i, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
-    head_dim = arch.get("head_dim") or h // arch["num_attention_heads"]
-    kv = arch["num_key_value_heads"] * head_dim
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q,o + k,v + mlp + two norms
-    embed = arch["vocab_size"] * h
-    head = 0 if arch.get("tie_word_embeddings") else embed
-    non_embedding = layers * per_layer + h + head  # final norm + LM head
-    return embed + non_embedding, non_embedding
-
-
-def effective_seq(lengths: list[int]) -> float:
-    """The sequence length whose per-token attention cost equals the mean over these examples.
-
-    Causal attention over an example of length L costs ~L^2, i.e. ~L per token, so the token-weighted
-    mean is sum(L^2) / sum(L).
-    """
-    return sum(n * n for n in lengths) / sum(lengths)
-
-
-def mfu(tokens_per_s: float, flops_per_tok: float, peak: float) -> float:
-    """Model FLOPs utilisation: achieved FLOP/s over the peak (``peak`` in TFLOP/s)."""
-    return tokens_per_s * flops_per_tok / (peak * 1e12)
-
-
+# ---- checks ------------------------------------------------------------------------------------------------
 def relative_error(a, b) -> float:
     """||a - b|| / ||b|| of two tensors (float64)."""
     a, b = a.double().flatten(), b.double().flatten()

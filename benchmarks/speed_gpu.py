@@ -59,6 +59,32 @@ def peak_tflops(name: str) -> float | None:
     return None
 
 
+def llama_params(arch: dict) -> tuple[int, int]:
+    """(all parameters, parameters without the input embedding) of a Llama with this config."""
+    h, i, layers = arch["hidden_size"], arch["intermediate_size"], arch["num_hidden_layers"]
+    head_dim = arch.get("head_dim") or h // arch["num_attention_heads"]
+    kv = arch["num_key_value_heads"] * head_dim
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q,o + k,v + mlp + two norms
+    embed = arch["vocab_size"] * h
+    head = 0 if arch.get("tie_word_embeddings") else embed
+    non_embedding = layers * per_layer + h + head  # final norm + LM head
+    return embed + non_embedding, non_embedding
+
+
+def effective_seq(lengths: list[int]) -> float:
+    """The sequence length whose per-token attention cost equals the mean over these examples.
+
+    Causal attention over an example of length L costs ~L^2, i.e. ~L per token, so the token-weighted
+    mean is sum(L^2) / sum(L).
+    """
+    return sum(n * n for n in lengths) / sum(lengths)
+
+
+def mfu(tokens_per_s: float, flops_per_tok: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over the peak (``peak`` in TFLOP/s)."""
+    return tokens_per_s * flops_per_tok / (peak * 1e12)
+
+
 def flops_per_token(cfg: dict, seq: int, n_params: int) -> tuple[float, float]:
     """(LoRA training FLOPs per token, 6N-convention FLOPs per token), attention included in both."""
     attn = 2 * 2 * cfg["num_hidden_layers"] * seq * cfg["hidden_size"]  # QK^T and AV, causal half, fwd
