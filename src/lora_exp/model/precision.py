@@ -43,6 +43,14 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+}
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86; aarch64 lists "bf16" among its Features
 
 
@@ -228,8 +236,6 @@ def resolve(cfg, device: Device | None = None) -> Choices:
     """
     from omegaconf import open_dict
 
-    from lora_exp.model.load import DTYPES
-
     trainer = cfg.get("trainer") or {}
     quant = cfg.get("quant") or {}
     quantized = quant.get("mode", "none") not in (None, "none")
@@ -259,8 +265,17 @@ def resolve(cfg, device: Device | None = None) -> Choices:
 
 def resolve_dtype(dtype: str | None, device: Device | None = None) -> str:
     """A dtype name where ``auto`` (or None) becomes this device's fast dtype."""
-    from lora_exp.model.load import DTYPES
-
     if dtype is None or str(dtype) == AUTO:
         return choose(device or detect()).model_dtype
     return DTYPES.get(str(dtype), str(dtype))
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a config name; ``auto`` is this device's choice (``lora_exp.model.precision``)."""
+    import torch
+
+    if name == "auto":
+        name = resolve_dtype(name)
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r}: expected one of {sorted(set(DTYPES.values()))}")
+    return getattr(torch, DTYPES[name])
