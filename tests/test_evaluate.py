@@ -116,11 +116,11 @@ metric_list:
 def test_harness_scores_the_adapter_not_the_bare_base(tiny_run: Path, tmp_path: Path):
     """A local lm-eval task scores base and adapter differently: the adapter is really applied."""
     pytest.importorskip("lm_eval")
-    from lora_exp.inference.evaluate import harness_scores
     from omegaconf import OmegaConf
 
     from lora_exp.data.tasks import generate
     from lora_exp.inference import session as inference
+    from lora_exp.inference.evaluate import harness_scores
     from lora_exp.model.load import load_tokenizer
 
     _, val = generate("json_extract", 0, 4, 0)

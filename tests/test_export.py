@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_exp.inference.export import EXPORT_FILE
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import compose, run_cli
+from lora_exp.inference.export import EXPORT_FILE
 
 IDS = torch.tensor([[1, 400, 5000, 77, 9, 12000, 3, 42]])
 

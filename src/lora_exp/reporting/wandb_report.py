@@ -55,11 +55,11 @@ def log_summary_run(runs: list[RunResult], tables: dict[str, Any], out: Path, on
     try:
         import wandb
 
-        from lora_exp.training.loggers import _init_run, wandb_logged_in
+        from lora_exp.training.loggers import init_run, wandb_logged_in
 
         mode = "online" if online and wandb_logged_in() else "offline"
         for project, group in groups:
-            run = _init_run(
+            run = init_run(
                 mode, 30, project=project, group=group, job_type=SUMMARY_JOB_TYPE, name=f"report-{group}",
                 dir=str(out), config={"sweep_group": group, "runs": len(runs)},
             )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Experiment loggers: Weights & Biases (online when logged in, else offline), the run's metric history.
+"""Weights & Biases logging: online when logged in, else offline (the run history is ``training.history``).
 
 W&B is never allowed to fail a run: when the server cannot be reached the run is logged offline
 inside the run directory instead, and anything that goes wrong while logging at the end of a run
@@ -8,7 +8,6 @@ the sweep, with the job's overrides as config and tags.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import netrc
@@ -16,15 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lora_exp import metrics as M
 
 log = logging.getLogger(__name__)
-
-HISTORY_FILE = "history.jsonl"  # in the run directory: every logged metric, one JSON line per logging call
 
 WANDB_TAG_MAX = 64  # W&B rejects longer tags
 
@@ -138,7 +134,7 @@ def wandb_logger(
         tags += [f"{k}={v}"[:WANDB_TAG_MAX] for k, v in sweep["swept"].items()]
         config["sweep"] = sweep
     Path(save_dir).mkdir(parents=True, exist_ok=True)
-    run = _init_run(
+    run = init_run(
         mode,
         init_timeout_s,
         project=project,
@@ -172,7 +168,7 @@ def _server_unreachable(timeout_s: float = 5.0) -> str | None:
     return None
 
 
-def _init_run(mode: str, timeout_s: float, **kwargs):
+def init_run(mode: str, timeout_s: float, **kwargs):
     """``wandb.init``; an online run that cannot reach the server falls back to offline."""
     import wandb
 
@@ -281,139 +277,3 @@ def finish_wandb(exit_code: int | None = None) -> None:
                 wandb.finish(exit_code=exit_code)
             except Exception as e:  # never let W&B turn a result into a crash
                 log.warning("W&B: finish failed: %s: %s", type(e).__name__, e)
-
-
-class HistoryLogger(Logger):
-    """Every logged metric, one JSON line per logging call, in ``run_dir/history.jsonl``.
-
-    Always on (whatever ``logger=`` says) so reports can draw loss curves from local files alone,
-    and so the run record gets the best value each metric reached.
-    """
-
-    def __init__(self, run_dir: str | Path, append: bool = False):
-        """``append``: keep the rows already there (a resumed run); otherwise start an empty file."""
-        super().__init__()
-        self.path = Path(run_dir) / HISTORY_FILE
-        self.rows: list[dict[str, Any]] = read_history(run_dir) if append else []
-        if rank_zero_only.rank == 0 and not append:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text("")
-
-    @property
-    def name(self) -> str:
-        return "history"
-
-    @property
-    def version(self) -> str:
-        return ""
-
-    @rank_zero_only
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        self.rows.append(row)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def best(self) -> dict[str, float]:
-        """``best/<metric>``: the best value each metric with a known direction reached (``M.GOALS``)."""
-        out = {}
-        for key, goal in M.GOALS.items():
-            values = [r[key] for r in self.rows if key in r and math.isfinite(r[key])]
-            if values:
-                out[M.best(key)] = min(values) if goal == "min" else max(values)
-        return out
-
-    def last(self, key: str) -> float | None:
-        values = [r[key] for r in self.rows if key in r]
-        return values[-1] if values else None
-
-
-def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows a ``HistoryLogger`` wrote; empty when the run has none."""
-    path = Path(run_dir) / HISTORY_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-class SampleGenerations(Callback):
-    """Greedy generations for the first held-out prompts, made when training ends.
-
-    Runs in ``on_train_end``, while the model is still on its training device (Lightning moves it
-    to the CPU right after), under the training precision.
-
-    Args:
-        tokenizer: the run's tokenizer.
-        examples: held-out chat examples (``{"messages": [...]}``); the last turn is the reference.
-        max_new_tokens: length limit of each generation.
-        render_prompt: messages -> prompt text ending in the assistant header, rendered exactly as
-            in training; default: the tokenizer's chat template.
-    """
-
-    def __init__(self, tokenizer, examples: list[dict], max_new_tokens: int = 64, render_prompt=None):
-        self.tokenizer = tokenizer
-        self.examples = examples
-        self.max_new_tokens = max_new_tokens
-        self.render_prompt = render_prompt
-        self.rows: list[dict[str, Any]] = []
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_rank != 0 or not self.examples:
-            return
-        try:
-            with trainer.precision_plugin.forward_context():
-                self.rows = generate_samples(
-                    pl_module.model, self.tokenizer, self.examples, self.max_new_tokens, self.render_prompt
-                )
-        except Exception as e:  # samples are a courtesy, never a reason to lose the run
-            log.warning("sample generation failed: %s: %s", type(e).__name__, e)
-
-
-def generate_samples(
-    model, tokenizer, examples: list[dict], max_new_tokens: int, render_prompt=None
-) -> list[dict[str, Any]]:
-    """Greedy-decode the reply to each example's prompt (one left-padded batch); compare with the reference."""
-    import torch
-
-    if render_prompt is None:
-
-        def render_prompt(messages):
-            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"  # generated tokens follow each prompt directly
-    device = next(p.device for p in model.parameters())
-    try:
-        prompts = [render_prompt(e["messages"][:-1]) for e in examples]
-        batch = tokenizer(prompts, add_special_tokens=False, return_tensors="pt", padding=True).to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **batch,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,  # training configs may switch the KV cache off (packing, checkpointing)
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        model.train(was_training)
-        tokenizer.padding_side = padding_side
-    rows = []
-    for example, text in zip(examples, texts):
-        messages = example["messages"]
-        reference = messages[-1]["content"]
-        rows.append(
-            {
-                "prompt": messages[-2]["content"],
-                "reference": reference,
-                "generation": text.strip(),
-                "exact_match": text.strip() == reference.strip(),
-            }
-        )
-    return rows

@@ -131,7 +131,8 @@ class Recipe:
 
         from lora_exp.training import distributed, resume
         from lora_exp.training.callbacks import Throughput
-        from lora_exp.training.loggers import HistoryLogger, wandb_record
+        from lora_exp.training.history import HistoryLogger
+        from lora_exp.training.loggers import wandb_record
         from lora_exp.training.module import LoraModule
         from lora_exp.training.selection import SelectCheckpoint, early_stopping
 
@@ -312,7 +313,8 @@ def _unprefixed(state_dict: dict) -> dict:
 
 def _sample_generations(loggers: list, tokenizer, datamodule):
     """A callback generating replies to the first held-out prompts, when a W&B logger wants them."""
-    from lora_exp.training.loggers import SampleGenerations, wandb_loggers
+    from lora_exp.training.loggers import wandb_loggers
+    from lora_exp.training.samples import SampleGenerations
 
     wanted = max((lg.num_samples for lg in wandb_loggers(loggers)), default=0)
     if wanted <= 0:
