@@ -159,7 +159,7 @@ def test_resume_with_other_overrides_is_refused(uninterrupted, tmp_path):
 
 
 def test_run_json_fingerprints_the_run(uninterrupted):
-    from lora_exp.runs.rundir import adapter_hash
+    from lora_exp.runs.provenance import adapter_hash
 
     run = json.loads((uninterrupted / "run.json").read_text())
     assert run["command"][:3] == ["python", "-m", "lora_exp.train"] and run["seed"] == 0

@@ -29,6 +29,8 @@ def check(cfg: DictConfig) -> None:
         problems.append(f"top_p={cfg.top_p!r}: expected a number in (0, 1]")
     if not isinstance(cfg.seed, int):
         problems.append(f"seed={cfg.seed!r}: expected an integer")
+    if cfg.prompt is not None and not str(cfg.prompt).strip():  # `prompt=` would generate from nothing
+        problems.append('prompt is empty: pass the text to answer (prompt="..."), or leave prompt out to chat')
     if problems:
         raise ConfigError(problems)
 

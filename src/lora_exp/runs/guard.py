@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from lora_exp import metrics as M
 from lora_exp.errors import RunDirError
 from lora_exp.runs import lock
-from lora_exp.runs.rundir import RunDir, find_run_dirs
+from lora_exp.runs.rundir import RunDir, as_disk_error, find_run_dirs
 
 
 class RunDirTaken(RunDirError):
@@ -85,6 +85,7 @@ def check_run_dir(path: Path, resume: bool, overwrite: bool) -> str:
 def _fail(error: BaseException) -> None:
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
+    error = as_disk_error(error) or error  # a read-only or full disk: one line naming the path
     print(f"lora_exp.train: error: {error}", file=sys.stderr, flush=True)
     sys.exit(2)
 

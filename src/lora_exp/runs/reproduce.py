@@ -26,7 +26,7 @@ from typing import Any
 from lora_exp import metrics as M
 from lora_exp.errors import RunDirError
 from lora_exp.runs.provenance import adapter_hash, environment_diff
-from lora_exp.runs.rundir import ADAPTER_DIR, RUN_FILE, read_metrics, run_status
+from lora_exp.runs.rundir import ADAPTER_DIR, RUN_FILE, RunDir, read_metrics, run_status
 
 GPU_RTOL = 1e-3
 # measured, not computed: clocks and rates vary run to run; where a run lives is not a result
@@ -65,8 +65,15 @@ def _close(a: Any, b: Any, rtol: float) -> bool:
 def compare_adapters(old_dir: Path, new_dir: Path, rtol: float) -> tuple[bool, str]:
     """(matches, description): file hashes first; within ``rtol`` tensor by tensor when a tolerance is set."""
     h_old, h_new = adapter_hash(old_dir), adapter_hash(new_dir)
-    if h_old is None or h_new is None:
-        return False, f"adapter missing ({'original' if h_old is None else 'reproduced'})"
+    recorded = RunDir(old_dir).run_json().get("adapter_sha256")
+    if h_new is None:
+        return False, "adapter missing (reproduced)"
+    if h_old is None:  # the original adapter was deleted: run.json still says what it was
+        if not recorded:
+            return False, "adapter missing (original), and run.json records no adapter_sha256"
+        if recorded == h_new:
+            return True, f"identical to the sha256 run.json records (original adapter/ deleted; {h_new[:16]})"
+        return False, f"differs from the sha256 run.json records: {recorded[:16]} vs {h_new[:16]} (adapter/ deleted)"
     if h_old == h_new:
         return True, f"identical (sha256 {h_old[:16]})"
     if rtol == 0:
@@ -102,9 +109,9 @@ def _fmt(value: Any) -> str:
 def reproduce(run_dir: Path, out: Path | None, rtol: float | None, extra: list[str]) -> int:
     """Re-run ``run_dir`` into ``out``, print the comparison, return the exit status."""
     run_dir = run_dir.resolve()
-    saved = run_dir / ".hydra" / "config.yaml"
+    saved = RunDir(run_dir).config_file
     if not saved.is_file():
-        raise RunDirError(f"{run_dir}: no .hydra/config.yaml; not a lora_exp.train run directory")
+        raise RunDirError(f"{run_dir}: no {saved.relative_to(run_dir)}; not a lora_exp.train run directory")
     status = run_status(run_dir)
     if status != M.STATUS_COMPLETED:
         raise RunDirError(f"{run_dir}: status is {status!r}; only completed runs can be reproduced")

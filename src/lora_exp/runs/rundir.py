@@ -57,15 +57,19 @@ _DISK_MESSAGES = {
 
 
 def as_disk_error(error: BaseException, path: Path | str | None = None) -> DiskError | None:
-    """``error`` as a one-line :class:`DiskError` naming the path when it is a disk fault; else None."""
+    """``error`` as a one-line :class:`DiskError` naming the path when it is a disk fault; else None.
+
+    ``path`` (what the user knows: the checkpoint, the adapter folder) wins over the temporary file
+    the error may name.
+    """
     if isinstance(error, DiskError):
         return error
     if isinstance(error, OSError) and error.errno in DISK_ERRNOS:
-        code, where = error.errno, error.filename or path
+        code, where = error.errno, path or error.filename
     elif isinstance(error, (RuntimeError, OSError)) or type(error).__name__ == "SafetensorError":
         text = str(error).lower().replace(" ", "").replace("-", "")
         code = next((c for m, c in _DISK_MESSAGES.items() if m.replace(" ", "").replace("-", "") in text), None)
-        where = getattr(error, "filename", None) or path
+        where = path or getattr(error, "filename", None)
         if code is None:
             return None
     else:

@@ -9,7 +9,15 @@ mid-epoch and resumed ends with the same adapter, bit for bit on CPU, as an unin
   from ``(seed, epoch)`` alone, so any epoch can be regenerated and its first batches skipped;
 - the random number generators (LoRA dropout draws from torch's global RNG): :class:`RngState`;
 - atomic files: :class:`AtomicCheckpointIO` writes a temporary file, fsyncs it and renames it,
-  so a kill during a save leaves the previous checkpoint intact.
+  so a kill during a save leaves the previous checkpoint intact (and a full disk leaves no
+  temporary file: one line naming the checkpoint, see ``runs.rundir.as_disk_error``);
+- signals: :class:`GracefulStop` turns SIGTERM / SIGINT into a stop at the next optimizer step
+  with a checkpoint, ``status: interrupted`` and exit status 143 / 130.
+
+On SLURM: submit the job with a fixed ``hydra.run.dir`` and ``resume=true`` (a first start with no
+run there simply starts). Before preempting, SLURM sends SIGTERM: the run saves its checkpoint and
+exits 143; the requeued job (``#SBATCH --requeue``) runs the same command and continues where it
+stopped (tested here with SIGTERM; not on a real SLURM cluster).
 """
 
 from __future__ import annotations
@@ -237,7 +245,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except BaseException as e:  # a full or read-only disk: no partial file, the last good one untouched
             tmp.unlink(missing_ok=True)
-            disk = as_disk_error(e, tmp)
+            disk = as_disk_error(e, path)
             if disk is not None:
                 raise disk from e
             raise
