@@ -32,7 +32,9 @@ GPU_RTOL = 1e-3
 # measured, not computed: clocks and rates vary run to run; where a run lives is not a result
 _NOT_COMPARED_PREFIXES = ("time/", "wandb/")
 _NOT_COMPARED_SUFFIXES = ("tokens_per_s", "time_s", "_s")
-_NOT_COMPARED = {M.STATUS, "pid", M.ERROR}
+# measured (clock, memory) or how a value was chosen (a re-run from the resolved config has no
+# `auto` keys left), not results
+_NOT_COMPARED = {M.STATUS, "pid", M.ERROR, M.COMPUTE_DEVICE_HOURS, M.COMPUTE_PEAK_MEM_MB, "precision/auto_keys"}
 
 
 def comparable(key: str, value: Any) -> bool:
