@@ -68,7 +68,8 @@ def find_run_dirs(sweep_dirs: list[Path]) -> list[Path]:
 
 
 def _natural(path: Path) -> list:
-    return [int(s) if s.isdigit() else s for s in path.as_posix().replace("-", "/").split("/")]
+    # (kind, number, text): a job number beside a named folder (sweep/3 vs sweep/more/0) must still compare
+    return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in path.as_posix().replace("-", "/").split("/")]
 
 
 def scalar(text: str) -> Any:
