@@ -97,6 +97,25 @@ def test_analytic_flops_match_flop_counter(case: str, batching: str):
         assert parts["recompute"] == 0
 
 
+@pytest.mark.parametrize("batching", ["padded", "packed"])
+def test_full_fine_tuning_flops_match_flop_counter(batching: str):
+    """method=full: every projection's weight gradient too (about 3x the forward), on a plain causal LM."""
+    from lora_exp.model.load import load_base_model, resolve_model_folder
+    from lora_exp.training import fastpath, full
+
+    cfg = _compose(*SMALL_VOCAB, "method=full")
+    torch.manual_seed(0)
+    model = load_base_model(cfg.model, resolve_model_folder(cfg.model))
+    full.train_every_weight(model)
+    fastpath.install(model, cfg.get("speed"))
+    model.train()
+    batch = (_padded if batching == "padded" else _packed)(256)
+    analytic = flops.from_peft_model(model, cfg.loss.impl, int(cfg.loss.chunk_size))
+    parts = analytic.step(flops.batch_shape(batch, analytic.attn_implementation))
+    assert analytic.full and parts["lora"] == 0
+    assert parts["total"] == pytest.approx(_counted(model, cfg, batch), rel=0.02)
+
+
 def test_default_vocabulary_and_packed_attention_cost_less_than_padded_rows():
     """The shipped tiny model (49k vocabulary: the head dominates) and per-example attention."""
     model, cfg = _model("model=tiny_llama", "lora.target_modules=all_linear")

@@ -89,6 +89,7 @@ class FlopsModel:
     attn_implementation: str = "sdpa"
     inputs_require_grad: bool = False
     head_trainable: bool = False
+    full: bool = False  # method=full: every projection's weight gradient is computed too
     _linear: dict[str, tuple[int, int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,8 +124,10 @@ class FlopsModel:
     def _linear_flops(self, name: str, tokens: int, ranks: dict[str, int], grad_in: bool) -> tuple[dict, bool]:
         d_in, d_out = self._linear[name]
         r = ranks.get(name, 0)
-        out = {"base": 2 * tokens * d_in * d_out * (1 + grad_in), "lora": 0, "forward": 2 * tokens * d_in * d_out}
-        out["backward"] = 2 * tokens * d_in * d_out * grad_in
+        weight_grad = int(self.full)  # full fine-tuning: dW of the projection itself
+        out = {"base": 2 * tokens * d_in * d_out * (1 + grad_in + weight_grad), "lora": 0}
+        out["forward"] = 2 * tokens * d_in * d_out
+        out["backward"] = 2 * tokens * d_in * d_out * (grad_in + weight_grad)
         if r:
             # forward A and B; backward dB, dZ (B's input), dA, and dX through A where the input needs it
             forward = 2 * tokens * r * (d_in + d_out)
@@ -132,7 +135,7 @@ class FlopsModel:
             out["lora"] = forward + backward
             out["forward"] += forward
             out["backward"] += backward
-        return out, grad_in or r > 0
+        return out, grad_in or r > 0 or self.full
 
     def _attention(self, shape: BatchShape, q: bool, k: bool, v: bool) -> tuple[int, int]:
         """Forward and backward FLOPs of the score and value products."""
@@ -185,7 +188,8 @@ def from_peft_model(peft_model, loss_impl: str = "chunked", chunk_size: int = 40
         ValueError: a LoRA layer outside the decoder's q/k/v/o/gate/up/down projections, or DoRA,
             whose extra products are not counted.
     """
-    causal_lm = peft_model.get_base_model()
+    full = not hasattr(peft_model, "get_base_model")  # method=full: a plain causal LM, every weight trained
+    causal_lm = peft_model if full else peft_model.get_base_model()
     config = causal_lm.config
     ranks: list[dict[str, int]] = [{} for _ in range(config.num_hidden_layers)]
     for name, module in peft_model.named_modules():
@@ -208,6 +212,7 @@ def from_peft_model(peft_model, loss_impl: str = "chunked", chunk_size: int = 40
         inputs_require_grad=bool(getattr(causal_lm, "_require_grads_hooks", None))
         or any(p.requires_grad for p in causal_lm.get_input_embeddings().parameters()),
         head_trainable=any(p.requires_grad for p in causal_lm.get_output_embeddings().parameters()),
+        full=full,
     )
 
 
