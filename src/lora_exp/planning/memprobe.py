@@ -40,12 +40,38 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def fault_in(module) -> int:
+    """Make every CPU parameter and buffer of ``module`` resident; returns their bytes.
+
+    transformers maps a safetensors file and, where the file's dtype is the one asked for (an fp32
+    checkpoint loaded in fp32), keeps the weights as views of that mapping: they become resident
+    only when the first forward reads them. Without this, the first training step's RSS growth
+    would include the whole frozen base (0.5 GB for the default model in fp32) on top of what
+    the step itself adds. A bf16 load of the same file converts, so its weights are resident
+    (anonymous memory) from the start and this changes nothing.
+    """
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    with torch.no_grad():
+        for t in (*module.parameters(), *module.buffers()):
+            storage = t.untyped_storage()
+            if t.device.type != "cpu" or storage.data_ptr() in seen or not storage.nbytes():
+                continue
+            seen.add(storage.data_ptr())  # tied weights share one storage
+            raw = torch.empty(0, dtype=torch.uint8).set_(storage)
+            raw[::4096].sum()  # one byte per 4 KiB page faults the whole storage in
+            total += raw.numel()
+    return total
+
+
 class PeakMemory(L.Callback):
     """Peak memory growth from the start of training to its end, and the largest micro-batch.
 
     The baseline is taken at ``on_train_start``, once the frozen base and the adapter are loaded,
     so the growth covers what a training step adds: optimizer state, gradients, activations and
-    the loss's logits.
+    the loss's logits. "Loaded" means resident: see :func:`fault_in`.
     """
 
     def __init__(self) -> None:
@@ -57,10 +83,12 @@ class PeakMemory(L.Callback):
         self.max_supervised = 0
         self.max_batch = 0
         self.hwm_reset = False
+        self.weights_bytes = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         import torch
 
+        self.weights_bytes = fault_in(pl_module)
         gc.collect()
         self.hwm_reset = reset_peak_rss()
         self.rss_start = self.rss_peak = (_status_kib("VmRSS") or 0) * 1024
@@ -94,6 +122,7 @@ class PeakMemory(L.Callback):
             "max_seq_len": self.max_width,
             "max_supervised_tokens": self.max_supervised,
             "peak_rss_exact": self.hwm_reset,
+            "weights_bytes": self.weights_bytes,  # resident in the baseline (parameters and buffers)
         }
         if trainer.is_global_zero:
             Path(trainer.default_root_dir, MEMORY_FILE).write_text(json.dumps(result, indent=2))

@@ -337,7 +337,7 @@ def activation_bytes(
     compute: int,
     residual: int,
     linear_out: int,
-    device: str,
+    mask: int,
     attn: str,
     checkpointing: bool,
 ) -> int:
@@ -356,18 +356,18 @@ def activation_bytes(
         compute: bytes per element of matmul inputs (2 under bf16/fp16, else 4).
         residual: bytes per element of the residual stream.
         linear_out: bytes per element of frozen linear outputs (fp32 under bitsandbytes k-bit).
-        device: ``cuda`` (dropout keeps a 1-byte mask) or ``cpu`` (a mask in the LoRA dtype).
+        mask: bytes per element of a LoRA dropout mask (see :func:`dropout_mask_bytes`).
         attn: ``sdpa``/``flash_attention_2`` (fused kernels) or ``eager`` (keeps probabilities).
         checkpointing: keep only each layer's input and recompute one layer in the backward.
     """
     T, L = shape.tokens, shape.seq_len
     h, inter = arch.hidden, arch.intermediate
     h_q, h_kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    mask_bytes = 0 if dropout == 0 else (1 if device == "cuda" else 4)
+    mask_bytes = 0 if dropout == 0 else mask
 
     def lora_in(name: str, width: int) -> int:
-        # PEFT casts the input to the fp32 adapter dtype, applies dropout (saving its mask), and
-        # the adapter's A matmul keeps the input in the compute dtype; A's r outputs are kept by B
+        # dropout saves its mask, the adapter's A matmul keeps its (dropped-out) input in the
+        # compute dtype, and B keeps A's r outputs
         return (mask_bytes + compute) * width + compute * r if name in targets else 0
 
     norm = 4 * h + 4  # fp32 copy of the input and the reciprocal RMS
@@ -390,6 +390,23 @@ def activation_bytes(
     if checkpointing:
         return T * (arch.layers * residual * h + per_token + final_norm)
     return T * (arch.layers * per_token - first_layer_saving + final_norm)
+
+
+def dropout_mask_bytes(cfg, device: str, residual: int) -> int:
+    """Bytes per element of the mask a LoRA dropout saves for the backward pass.
+
+    On CUDA torch's fused dropout keeps a bool mask. On a CPU the mask is a tensor of its input's
+    dtype (torch's CPU dropout multiplies by a noise tensor like its input; ``speed.lora_dropout``
+    builds its mask the same way). That input is PEFT's fp32 copy of the layer input, unless
+    ``speed.no_input_cast`` skips the copy under a 16-bit autocast: then it is the layer input
+    as is, in the residual stream's dtype (measured: 2 bytes in a bf16-mixed step of the
+    default model, 4 in an fp32 one).
+    """
+    if device == "cuda":
+        return 1
+    mixed = "mixed" in str(cfg.trainer.get("precision", "32")) and _compute_bytes(cfg) == 2
+    lean = mixed and bool((cfg.get("speed") or {}).get("no_input_cast", False))
+    return residual if lean else 4
 
 
 def logits_bytes(arch: Arch, supervised: int, chunk_size: int) -> int:
@@ -451,12 +468,13 @@ def step_shape(cfg) -> StepShape:
 
 def make_plan(cfg, label: str = "") -> Plan:
     """Build the meta model of ``cfg`` and compute every figure of its plan."""
-    from lora_exp.model import lora
+    from lora_exp.model import lora, precision
 
     plan_cfg = cfg.get("plan") or {}
     device = str(plan_cfg.get("device") or "cuda")
     if device not in ("cuda", "cpu"):
         raise ConfigError([f"plan.device={device!r}: expected cuda or cpu"])
+    precision.resolve(cfg, precision.planned_device(cfg))  # `auto` as a run on that device would pick
     peft_model, hf_config = build_meta_model(cfg)
     arch = Arch.from_hf(hf_config)
     trainable, total = lora.param_counts(peft_model)
@@ -477,7 +495,7 @@ def make_plan(cfg, label: str = "") -> Plan:
         compute=compute,
         residual=residual,
         linear_out=linear_out,
-        device=device,
+        mask=dropout_mask_bytes(cfg, device, residual),
         attn=str(cfg.model.get("attn_implementation") or "sdpa"),
     )
     targets = _targets(peft_model)
@@ -555,6 +573,8 @@ def format_plan(plan: Plan, cfg) -> str:
         f"{f'budget={cfg.lora.budget:,}' if cfg.lora.get('budget') is not None else f'r={cfg.lora.r}'} "
         f"alpha={cfg.lora.alpha} on {targets} "
         f"(meta device: no weights loaded)",
+        f"precision: model.dtype={cfg.model.dtype} trainer.precision={cfg.trainer.precision}"
+        f" (`auto` resolved as a run on this {plan.device} device would)",
         plan.params_line,
         f"adapter on disk: {plan.adapter_file_bytes / MIB:.2f} MiB (adapter_model.safetensors)",
         f"tokens per step: {plan.tokens_per_step:,} = micro-batch {plan.micro_batch} x {plan.seq_len} tokens"
