@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_exp import metrics as M
+from lora_exp.reporting import forgetting
 from lora_exp.reporting.collect import LORA_KEYS, PER_RUN, RunResult, config_key, config_label
 
 TRAIN_FLOPS = M.COMPUTE_TRAIN_FLOPS  # per-run training FLOPs (metrics.json), when runs record compute
@@ -38,6 +39,7 @@ def make_plots(df, runs: list[RunResult], cols: list[str], metric: str, out: Pat
             df, f"{TRAIN_FLOPS}:{PER_RUN}", "training FLOPs per run", metric, out / "metric_vs_flops.png", "FLOP"
         )
         written["metric_vs_flops.png"] = f"{metric} vs training FLOPs per run, by target set"
+    written.update(forgetting.plot(runs, cols, metric, out))  # only where runs recorded a probe's val/<name>/ppl
     return written
 
 

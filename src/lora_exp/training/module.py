@@ -18,7 +18,9 @@ class LoraModule(L.LightningModule):
     """Trains the adapter of ``model`` (a ``PeftModel``); the frozen base never reaches a checkpoint.
 
     Validation metrics are logged under ``metric_prefix`` + the shared names, so the same loop
-    measures the base model (``base/val/loss``) before training and the adapter after.
+    measures the base model (``base/val/loss``) before training and the adapter after. With
+    ``data.eval_sets`` the datamodule gives one loader per set after the held-out one; each is
+    summed apart and logged as ``val/<name>/...`` (``lora_exp.metrics.eval_set``).
     """
 
     def __init__(
@@ -38,9 +40,9 @@ class LoraModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold trainable weights only
         self.last_val: dict[str, float] = {}
         self.last_val_step = -1
-        self._val = torch.nn.ModuleDict(
-            {k: SumMetric() for k in ("loss_sum", "n_tokens", "n_correct", "n_exact", "n_examples")}
-        )
+        self._val = _sums()  # the held-out split (dataloader 0)
+        self._eval_sets = torch.nn.ModuleDict()  # name -> sums of data.eval_sets.<name> (dataloaders 1, 2, ...)
+        self._eval_names: list[str] = []
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         with fastpath.lean_casts(self.model, self.lean_casts):
@@ -84,29 +86,32 @@ class LoraModule(L.LightningModule):
         self._window_tokens = torch.zeros_like(self._window_tokens)
 
     def on_validation_epoch_start(self) -> None:
-        for metric in self._val.values():
-            metric.reset()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self._eval_names = list(getattr(datamodule, "eval_set_names", None) or [])
+        for name in self._eval_names:
+            if name not in self._eval_sets:
+                self._eval_sets[name] = _sums().to(self.device)
+        for sums in [self._val, *(self._eval_sets[n] for n in self._eval_names)]:
+            for metric in sums.values():
+                metric.reset()
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         with fastpath.lean_casts(self.model, self.lean_casts):
             out = causal_lm_loss(self.model, batch, self.loss_chunk_size, with_accuracy=True)
-        for key, metric in self._val.items():
+        sums = self._val if dataloader_idx == 0 else self._eval_sets[self._eval_names[dataloader_idx - 1]]
+        for key, metric in sums.items():
             metric.update(getattr(out, key).float())
 
     def on_validation_epoch_end(self) -> None:
-        v = {k: m.compute().item() for k, m in self._val.items()}
-        if v["n_tokens"] == 0:
+        values = _metrics(self._val)
+        if values is None:
             return
-        loss = v["loss_sum"] / v["n_tokens"]
-        values = {
-            M.VAL_LOSS: loss,
-            M.VAL_PPL: math.exp(min(loss, 50.0)),
-            M.VAL_TOKEN_ACC: v["n_correct"] / v["n_tokens"],
-            M.VAL_EXACT_MATCH: v["n_exact"] / max(v["n_examples"], 1),
-        }
+        for name in self._eval_names:
+            values.update({M.eval_set(name, k): x for k, x in (_metrics(self._eval_sets[name]) or {}).items()})
         self.last_val = {self.metric_prefix + k: x for k, x in values.items()}
         self.last_val_step = self.global_step
-        self.log_dict(self.last_val, sync_dist=False)
+        # logged from the epoch-end hook: no /dataloader_idx_N suffix, the names already say which set
+        self.log_dict(self.last_val, sync_dist=False, add_dataloader_idx=False)
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
@@ -123,6 +128,25 @@ class LoraModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def _sums() -> torch.nn.ModuleDict:
+    """Token and example sums of one validation set (summed over ranks when computed)."""
+    return torch.nn.ModuleDict({k: SumMetric() for k in ("loss_sum", "n_tokens", "n_correct", "n_exact", "n_examples")})
+
+
+def _metrics(sums: torch.nn.ModuleDict) -> dict[str, float] | None:
+    """Loss, perplexity, token accuracy and exact match of one set's sums; None when it had no token."""
+    v = {k: m.compute().item() for k, m in sums.items()}
+    if v["n_tokens"] == 0:
+        return None
+    loss = v["loss_sum"] / v["n_tokens"]
+    return {
+        M.VAL_LOSS: loss,
+        M.VAL_PPL: math.exp(min(loss, 50.0)),
+        M.VAL_TOKEN_ACC: v["n_correct"] / v["n_tokens"],
+        M.VAL_EXACT_MATCH: v["n_exact"] / max(v["n_examples"], 1),
+    }
 
 
 def loraplus_optimizer(peft_model, optim_cfg) -> torch.optim.Optimizer:
