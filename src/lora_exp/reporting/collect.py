@@ -1,8 +1,11 @@
 """Reading a sweep's run directories into configurations, seeds and per-configuration statistics.
 
 A run directory is any folder holding ``metrics.json``. A configuration is identified by the values
-of the keys any run overrode (seed excepted) plus rank, alpha and target modules, read from each
-run's own ``.hydra`` files; runs of one configuration are its seeds.
+of the keys any run overrode (seed excepted) plus the method (``lora`` or ``full``), rank, alpha and
+target modules, read from each run's own ``.hydra`` files; runs of one configuration are its
+seeds. A full fine-tune has no rank, alpha or target modules (None). In a tuned sweep
+(``tuning.json``) only the replicates at each configuration's chosen rate are runs of the report,
+and the learning rate is the tuning's outcome, not a configuration key (see ``tuning``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ REPORT_DIR = "report"
 STATS = ("n", "mean", "std", "ci95_lo", "ci95_hi")
 # configuration columns always shown (when the runs have them), in this order
 LORA_KEYS = ("lora.r", "lora.alpha", "lora.target_modules")
+METHOD = "method"  # lora or full (``method=full``): a column when the runs mix them
+LR = "optim.lr"
 SEED = "seed"
 SKIP_DIRS = {REPORT_DIR, ".submitit", "wandb", "adapter", "checkpoints", ".hydra", "csv"}
 # per-run compute keys summed per configuration and over the sweep, when runs record them
@@ -44,6 +49,8 @@ class RunResult:
     config: dict[str, Any] = field(default_factory=dict)
     seed: Any = None
     error: str | None = None
+    method: str = "lora"
+    tuning: Any = None  # (tuning.Tuning, its configuration entry) for a replicate of a tuned sweep
 
     @property
     def ok(self) -> bool:
@@ -110,11 +117,19 @@ def load_runs(sweep_dirs: list[Path]) -> list[RunResult]:
     """Read every run under ``sweep_dirs``; the configuration is every swept key except the seed.
 
     Keys that never vary across the runs are dropped, except rank, alpha and target modules
-    (they name the setup).
+    (they name the setup). In a tuned sweep the search runs are left out and ``optim.lr`` is not
+    a key of the replicates (each configuration's rate is its tuning's choice).
     """
-    dirs = [RunDir(d) for d in find_run_dirs(sweep_dirs)]
+    from lora_exp.reporting import tuning
+
+    found = find_run_dirs(sweep_dirs)
+    tuned = tuning.select(sweep_dirs, found)
+    dirs = [RunDir(d) for d in found if d not in tuned.excluded]
     overrides = {d: _overrides(d) for d in dirs}
-    keys = list(LORA_KEYS)
+    for d in dirs:
+        if d.path in tuned.entry:
+            overrides[d].pop(LR, None)  # set per job by the sweeper: the outcome, shown as `tuned lr`
+    keys = [METHOD, *LORA_KEYS]
     for o in overrides.values():
         keys += [k for k in o if k not in keys and k != SEED and not k.startswith("hydra.")]
     runs = []
@@ -124,10 +139,15 @@ def load_runs(sweep_dirs: list[Path]) -> list[RunResult]:
         except (OSError, ValueError) as e:
             record = {M.STATUS: "unreadable", M.ERROR: f"{METRICS_FILE}: {e}"}
         config = {k: overrides[d][k] if k in overrides[d] else _config_value(d, k) for k in keys}
+        config[METHOD] = str(config[METHOD] or record.get(METHOD) or "lora")  # runs before method=: LoRA
+        if config[METHOD] != "lora":  # no adapter: rank, alpha, targets and every other lora.* do not apply
+            config.update(dict.fromkeys(k for k in config if k.startswith("lora.")))
         seed = overrides[d].get(SEED, _config_value(d, SEED))
         # RunDir's status: a `running` record whose process is gone reads as interrupted
         status = d.status() or str(record.get(M.STATUS, "unknown"))
-        runs.append(RunResult(d.path, status, record, config, seed, record.get(M.ERROR)))
+        result = RunResult(d.path, status, record, config, seed, record.get(M.ERROR), config[METHOD])
+        result.tuning = tuned.entry.get(d.path)
+        runs.append(result)
     varying = {k for k in keys if len({json.dumps(r.config[k], default=str) for r in runs}) > 1}
     for r in runs:
         r.config = {k: v for k, v in r.config.items() if k in varying or (k in LORA_KEYS and v is not None)}
@@ -187,8 +207,17 @@ def config_key(config: dict[str, Any], cols: list[str]) -> tuple:
 
 
 def config_label(row, cols: list[str]) -> str:
-    """``r=8, alpha=16, target_modules=qv``: a configuration in a few characters."""
-    return ", ".join(f"{c.split('.')[-1]}={row[c]}" for c in cols)
+    """``r=8, alpha=16, target_modules=qv``: a configuration in a few characters (unset keys left out)."""
+    return ", ".join(f"{c.split('.')[-1]}={plain_value(row.get(c))}" for c in cols if not _unset(row.get(c)))
+
+
+def _unset(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def plain_value(value: Any) -> Any:
+    """8.0 -> 8: a column holding None beside integers is float in pandas."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def group_runs(runs: list[RunResult], cols: list[str]) -> list[list[RunResult]]:
@@ -215,17 +244,24 @@ def results_table(runs: list[RunResult]):
 
     With compute keys recorded, ``compute/train_flops:sum`` and ``compute/device_hours:sum`` are the
     configuration's totals over all its runs (failed ones spent compute too), ``:per_run`` the
-    mean over its completed runs.
+    mean over its completed runs. Rows of a tuned sweep have ``tuned lr`` (the chosen rate) and
+    ``lr candidates`` (every candidate's score, JSON).
     """
     import pandas as pd
+
+    from lora_exp.reporting import tuning
 
     cols = config_columns(runs)
     metrics = report_metrics(runs)
     totals = [k for k in COMPUTE_TOTALS if k in compute_keys(runs)]
+    tuned = any(r.tuning for r in runs)
     rows = []
     for members in group_runs(runs, cols):
         ok = [r for r in members if r.ok]
         row: dict[str, Any] = {c: members[0].config.get(c) for c in cols}
+        row.setdefault(METHOD, members[0].method)  # a column even when every run shares it
+        if tuned:
+            row.update(tuned_columns(members, tuning))
         row["n"] = len(ok)
         row["n_failed"] = len(members) - len(ok)
         row["seeds"] = " ".join(str(r.seed) for r in ok)
@@ -238,6 +274,19 @@ def results_table(runs: list[RunResult]):
         row["run_dirs"] = ";".join(str(r.path) for r in members)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def tuned_columns(members: list[RunResult], tuning) -> dict[str, Any]:
+    """``tuned lr`` and ``lr candidates`` of one configuration (None for runs of an untuned sweep).
+
+    Two tuned sweeps of one configuration can choose different rates: both are listed.
+    """
+    entries = {tuning.candidates_text(r.tuning[1]): r.tuning[1] for r in members if r.tuning}
+    rates = list(dict.fromkeys(c.get("chosen_lr") for c in entries.values()))
+    if not entries:
+        return {tuning.TUNED_LR: None, tuning.CANDIDATES: None}
+    lr = rates[0] if len(rates) == 1 else " / ".join(f"{x:g}" if x is not None else "none" for x in rates)
+    return {tuning.TUNED_LR: lr, tuning.CANDIDATES: " / ".join(entries)}
 
 
 def runs_table(runs: list[RunResult]):

@@ -1,4 +1,8 @@
-"""The report's PNG plots: metric vs rank, rank x alpha heatmap, loss curves, metric vs parameters / FLOPs."""
+"""The report's PNG plots: metric vs rank, rank x alpha heatmap, loss curves, metric vs parameters / FLOPs.
+
+Rows without a rank (full fine-tuning) are left out of the rank plots and shown in the
+parameter/FLOPs plots under their method; the base model (no training) is a dashed line.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,17 @@ from typing import Any
 
 from lora_exp import metrics as M
 from lora_exp.reporting import forgetting
-from lora_exp.reporting.collect import LORA_KEYS, PER_RUN, RunResult, config_key, config_label
+from lora_exp.reporting.baselines import METHOD, method_label
+from lora_exp.reporting.collect import LORA_KEYS, PER_RUN, RunResult, config_label, group_runs, plain_value
 
 TRAIN_FLOPS = M.COMPUTE_TRAIN_FLOPS  # per-run training FLOPs (metrics.json), when runs record compute
 
 
-def make_plots(df, runs: list[RunResult], cols: list[str], metric: str, out: Path) -> dict[str, str]:
-    """Write the PNG plots that the data supports; return ``{file name: caption}`` of those written."""
+def make_plots(df, runs: list[RunResult], cols: list[str], metric: str, out: Path, bases=None) -> dict[str, str]:
+    """Write the PNG plots that the data supports; return ``{file name: caption}`` of those written.
+
+    ``bases`` (``baselines.base_table``) draws the base model's value as a reference line.
+    """
     import warnings
 
     import matplotlib
@@ -26,21 +34,37 @@ def make_plots(df, runs: list[RunResult], cols: list[str], metric: str, out: Pat
     df = df[df["n"] > 0]  # configurations whose runs all failed are listed, not plotted
     has = f"{metric}:mean" in df and df[f"{metric}:mean"].notna().any()
     r_key, a_key, _ = LORA_KEYS
-    if has and r_key in df:
-        _metric_vs_rank(df, cols, metric, out, written)
-    if has and r_key in df and a_key in df:
-        _heatmap(df, metric, out, written)
+    base = _base_values(bases, metric)
+    ranked = df[df[r_key].notna()] if r_key in df else df.iloc[:0]
+    if has and len(ranked):
+        _metric_vs_rank(ranked, [c for c in cols if c != METHOD], metric, out, written, base)
+    if has and len(ranked) and a_key in df:
+        _heatmap(ranked, metric, out, written)
     _loss_curves(df, runs, cols, out, written)
     if has and f"{M.TRAINABLE_PARAMS}:mean" in df:
-        _metric_vs(df, f"{M.TRAINABLE_PARAMS}:mean", "trainable parameters", metric, out / "metric_vs_params.png")
+        path = out / "metric_vs_params.png"
+        _metric_vs(df, f"{M.TRAINABLE_PARAMS}:mean", "trainable parameters", metric, path, base=base)
         written["metric_vs_params.png"] = f"{metric} vs trainable parameters, by target set"
     if has and f"{TRAIN_FLOPS}:{PER_RUN}" in df and df[f"{TRAIN_FLOPS}:{PER_RUN}"].notna().any():
-        _metric_vs(
-            df, f"{TRAIN_FLOPS}:{PER_RUN}", "training FLOPs per run", metric, out / "metric_vs_flops.png", "FLOP"
-        )
+        path = out / "metric_vs_flops.png"
+        _metric_vs(df, f"{TRAIN_FLOPS}:{PER_RUN}", "training FLOPs per run", metric, path, "FLOP", base)
         written["metric_vs_flops.png"] = f"{metric} vs training FLOPs per run, by target set"
     written.update(forgetting.plot(runs, cols, metric, out))  # only where runs recorded a probe's val/<name>/ppl
     return written
+
+
+def _base_values(bases, metric: str) -> list[tuple[str, float]]:
+    """``(label, mean)`` of each base row that measured ``metric``."""
+    if bases is None or not len(bases) or f"{metric}:mean" not in bases:
+        return []
+    return [
+        (row["label"], row[f"{metric}:mean"]) for _, row in bases.iterrows() if not math.isnan(row[f"{metric}:mean"])
+    ]
+
+
+def _base_lines(ax, base: list[tuple[str, float]]) -> None:
+    for (label, value), style in zip(base, ("--", ":", "-.", (0, (5, 5)))):
+        ax.axhline(value, color="grey", linestyle=style, linewidth=1, label=label)
 
 
 def _errors(sub, metric: str) -> list[list[float]]:
@@ -49,7 +73,7 @@ def _errors(sub, metric: str) -> list[list[float]]:
     return [(mean - lo).fillna(0).clip(lower=0).tolist(), (hi - mean).fillna(0).clip(lower=0).tolist()]
 
 
-def _metric_vs_rank(df, cols: list[str], metric: str, out: Path, written: dict[str, str]) -> None:
+def _metric_vs_rank(df, cols: list[str], metric: str, out: Path, written: dict[str, str], base=()) -> None:
     import matplotlib.pyplot as plt
 
     r_key = LORA_KEYS[0]
@@ -57,14 +81,15 @@ def _metric_vs_rank(df, cols: list[str], metric: str, out: Path, written: dict[s
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, sub in df.groupby(others, dropna=False, sort=False) if others else [("", df)]:
         sub = sub.sort_values(r_key)
-        name = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in zip(others, _tuple(label)))
+        name = ", ".join(f"{k.split('.')[-1]}={plain_value(v)}" for k, v in zip(others, _tuple(label)))
         ax.errorbar(sub[r_key], sub[f"{metric}:mean"], yerr=_errors(sub, metric), marker="o", capsize=3,
                     label=name or None)  # fmt: skip
+    _base_lines(ax, base)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LoRA rank r")
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs rank (mean, 95% CI over seeds)")
-    if others:
+    if others or base:
         ax.legend(fontsize=7)
     _save(fig, out / "loss_vs_rank.png", written, f"held-out {metric} vs LoRA rank, one line per target set")
 
@@ -126,17 +151,18 @@ def _is_float(text: str | None) -> bool:
 def _loss_curves(df, runs: list[RunResult], cols: list[str], out: Path, written: dict[str, str]) -> None:
     import matplotlib.pyplot as plt
 
-    curves: dict[tuple, list] = {}
-    for r in runs:
-        if r.ok:
-            rows = [x for x in _curves(r) if M.TRAIN_LOSS in x and x.get("step") is not None]
+    # results_table's rows are group_runs' groups in order (index i), whatever pandas made of their values
+    curves: dict[int, list] = {}
+    for i, group in enumerate(group_runs(runs, cols)):
+        for r in group:
+            rows = [x for x in _curves(r) if M.TRAIN_LOSS in x and x.get("step") is not None] if r.ok else []
             if rows:
-                curves.setdefault(config_key(r.config, cols), []).append(rows)
+                curves.setdefault(i, []).append(rows)
     if not curves:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _, row in df.iterrows():
-        members = curves.get(config_key({c: row[c] for c in cols}, cols))
+    for i, row in df.iterrows():
+        members = curves.get(i)
         if not members:
             continue
         by_step: dict[float, list[float]] = {}
@@ -152,36 +178,44 @@ def _loss_curves(df, runs: list[RunResult], cols: list[str], out: Path, written:
     _save(fig, out / "loss_curves.png", written, "training loss per configuration, mean over seeds")
 
 
-def _metric_vs(df, x_col: str, x_label: str, metric: str, path: Path, unit: str = "") -> None:
-    """``metric`` (mean, 95% CI) against a per-configuration x on a log axis, one colour per target set."""
+def _metric_vs(df, x_col: str, x_label: str, metric: str, path: Path, unit: str = "", base=()) -> None:
+    """``metric`` (mean, 95% CI) against a per-configuration x on a log axis, one colour per target set.
+
+    Rows of another method (full fine-tuning) get a colour of their own, labelled by the method.
+    """
     import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter, LogLocator, MaxNLocator, NullFormatter
 
     r_key, a_key, t_key = LORA_KEYS
     with_alpha = a_key in df and df[a_key].nunique() > 1
     fig, ax = plt.subplots(figsize=(6, 4))
-    groups = df.groupby(t_key, sort=False) if t_key in df else [(None, df)]
+    key = df[t_key].astype(object) if t_key in df else None
+    if METHOD in df:  # rows without target modules (full fine-tuning) are labelled by their method
+        key = df[METHOD].map(method_label).where(df[METHOD] != "lora", key) if key is not None else None
+    groups = df.groupby(key.fillna("-"), sort=False) if key is not None else [(None, df)]
     for target, sub in groups:
         ax.errorbar(sub[x_col], sub[f"{metric}:mean"], yerr=_errors(sub, metric), fmt="o", capsize=3,
                     label=str(target) if target is not None else None)  # fmt: skip
         if r_key in sub:
-            for _, row in sub.iterrows():
-                label = f"r={row[r_key]}" + (f", a={row[a_key]}" if with_alpha else "")
+            for _, row in sub[sub[r_key].notna()].iterrows():
+                label = f"r={plain_value(row[r_key])}" + (f", a={plain_value(row[a_key])}" if with_alpha else "")
                 ax.annotate(label, (row[x_col], row[f"{metric}:mean"]), fontsize=6,
                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
     x = df[x_col].dropna()
     if len(x) and x.min() > 0 and x.max() / x.min() >= 10:  # a log axis only where it spans a decade or more
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        # 1-2-5 ticks over a few decades; beyond three (LoRA beside full fine-tuning) powers of ten only
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0) if x.max() / x.min() < 1e3 else (1.0,)))
         ax.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
         ax.xaxis.set_major_formatter(EngFormatter(unit=unit, places=1))
     else:  # close values (ranks differ little in FLOPs): few ticks, as many digits as they need
         ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
         ax.xaxis.set_major_formatter(EngFormatter(unit=unit))
+    _base_lines(ax, base)
     ax.set_xlabel(x_label)
     ax.set_ylabel(metric)
     ax.set_title(f"{metric} vs {x_label}")
-    if t_key in df:
+    if t_key in df or base:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
