@@ -305,7 +305,9 @@ def test_fingerprint_follows_examples_template_and_tokenizer_not_the_seed(tmp_pa
 # ---- packing ---------------------------------------------------------------------------------
 def test_packed_batches_have_no_padding_and_restart_positions(tmp_path, smol_tok):
     path = _write(tmp_path / "train.jsonl", _qa(60))
-    unpacked = _dm(smol_tok, f"data.train_path={path}", "data.val_size=4", "data.batch_size=4")
+    unpacked = _dm(
+        smol_tok, f"data.train_path={path}", "data.val_size=4", "data.batch_size=4", "data.padding_free=false"
+    )
     packed = _dm(smol_tok, f"data.train_path={path}", "data.val_size=4", "data.packing=true", "data.pack_tokens=600")
     assert unpacked.stats[M.DATA_PADDING_FRACTION] > 0.05  # variable lengths: padding is real
     assert packed.stats[M.DATA_PADDING_FRACTION] < 0.05
@@ -419,3 +421,24 @@ def test_preview_marks_the_supervised_text(tmp_path, capsys):
     assert "<|im_start|>user\nWhat is" in out  # the prompt is shown, unmarked
     assert main(["data=jsonl", f"data.train_path={path}", "data.format=nope"]) == 2
     assert "error: data.format='nope'" in capsys.readouterr().err
+
+
+def test_padding_free_default_keeps_batch_size_examples_per_step_in_one_row(tmp_path, smol_tok, tiny_peft):
+    """The default batches: exactly data.batch_size examples, flattened, positions restarting; same loss as padded."""
+    from lora_exp.training.loss import causal_lm_loss
+
+    path = _write(tmp_path / "train.jsonl", _qa(30))
+    free = _dm(smol_tok, f"data.train_path={path}", "data.val_size=4", "data.batch_size=4")
+    padded = _dm(smol_tok, f"data.train_path={path}", "data.val_size=4", "data.batch_size=4", "data.padding_free=false")
+    assert free.stats[M.DATA_BATCHING] == "padding_free" and padded.stats[M.DATA_BATCHING] == "padded"
+    assert free.stats[M.DATA_PADDING_FRACTION] == 0.0 < padded.stats[M.DATA_PADDING_FRACTION]
+    free_batches, padded_batches = list(free.train_dataloader()), list(padded.train_dataloader())
+    assert len(free_batches) == len(padded_batches) == 7  # 26 examples in batches of 4: same steps per epoch
+    for fb, pb in zip(free_batches, padded_batches):
+        assert set(fb) == {"input_ids", "labels", "position_ids"} and fb["input_ids"].shape[0] == 1
+        assert int((fb["position_ids"][0] == 0).sum()) == pb["input_ids"].shape[0]  # the same examples
+        assert fb["input_ids"].shape[1] == int(pb["attention_mask"].sum())  # and not one pad token
+    with torch.no_grad():
+        a, b = causal_lm_loss(tiny_peft, free_batches[0]), causal_lm_loss(tiny_peft, padded_batches[0])
+    assert int(a.n_tokens) == int(b.n_tokens)
+    torch.testing.assert_close(a.loss_sum, b.loss_sum, rtol=1e-5, atol=1e-4)

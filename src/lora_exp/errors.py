@@ -21,5 +21,9 @@ class DataError(UserError):
     """The data set cannot be read or rendered."""
 
 
+class ReportError(UserError):
+    """A report or paper cannot be built from the given directories or options."""
+
+
 class RunDirError(UserError):
     """A run directory is missing, unfinished, or does not fit the command (evaluate, generate, export)."""

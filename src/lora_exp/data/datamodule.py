@@ -70,6 +70,7 @@ class InstructionDataModule(L.LightningDataModule):
         self.truncated = 0
         self.stats: dict[str, Any] = {}
         self.supervised_per_batch = 0.0
+        self.flash_attn_kwargs = False  # set by the run when attention is flash_attention_2
         self.fingerprint: str | None = None
         self.format: str | None = None
         self._token_settings: dict | None = None
@@ -131,14 +132,15 @@ class InstructionDataModule(L.LightningDataModule):
             M.DATA_TRUNCATED: self.truncated,
             M.DATA_DROPPED: len(train) + len(val) - len(self.train_rows) - len(self.val_rows),
             M.DATA_PACKING: bool(self.cfg.get("packing", False)),
-            M.DATA_PADDING_FRACTION: round(padding_fraction(first_epoch, lengths, self.packing), 6),
+            M.DATA_BATCHING: self.batching,
+            M.DATA_PADDING_FRACTION: round(padding_fraction(first_epoch, lengths, self.batching != "padded"), 6),
             M.DATA_FINGERPRINT: self.fingerprint,
         }
         print(
             f"[lora-exp] data: {len(self.train_rows)} train / {len(self.val_rows)} held-out examples "
             f"(format {self.format}), {self.truncated} truncated to data.max_seq_len={self.cfg.max_seq_len}, "
             f"{self.stats[M.DATA_DROPPED]} dropped, padding {100 * self.stats[M.DATA_PADDING_FRACTION]:.1f}%"
-            + (", packed" if self.packing else ""),
+            + f", batches {self.batching}",
             flush=True,
         )
 
@@ -175,6 +177,17 @@ class InstructionDataModule(L.LightningDataModule):
         return bool(self.cfg.get("packing", False))
 
     @property
+    def batching(self) -> str:
+        """``packed`` (token budget), ``padding_free`` (batch_size examples in one flattened row) or ``padded``."""
+        if self.packing:
+            return "packed"
+        return "padding_free" if self.cfg.get("padding_free", True) else "padded"
+
+    def _pack_collator(self) -> PackCollator:
+        # flash-attention's variable-length kernel takes the example boundaries precomputed
+        return PackCollator(flash_attn_kwargs=self.flash_attn_kwargs)
+
+    @property
     def pack_tokens(self) -> int:
         """Token budget of a packed batch: ``data.pack_tokens``, else batch_size x max_seq_len."""
         return int(self.cfg.get("pack_tokens") or self.cfg.batch_size * self.cfg.max_seq_len)
@@ -198,14 +211,17 @@ class InstructionDataModule(L.LightningDataModule):
             lengths = [len(r["input_ids"]) for r in self.train_rows]
             rank, world = self._rank_and_world()
             batches = TokenBudgetBatchSampler(self._sampler(), lengths, self.pack_tokens, rank, world)
-            loader = DataLoader(self.train_rows, batch_sampler=batches, collate_fn=PackCollator(), num_workers=workers)
+            loader = DataLoader(
+                self.train_rows, batch_sampler=batches, collate_fn=self._pack_collator(), num_workers=workers
+            )
             return resumable(loader)
         return resumable(
             DataLoader(
                 self.train_rows,
                 batch_size=self.cfg.batch_size,
                 sampler=self._sampler(),
-                collate_fn=PadCollator(self.pad_id),
+                # padding-free: the batch's examples flattened into one row, positions restarting
+                collate_fn=self._pack_collator() if self.batching == "padding_free" else PadCollator(self.pad_id),
                 num_workers=workers,
             )
         )

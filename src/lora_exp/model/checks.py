@@ -31,4 +31,3 @@ def check(cfg, problems: list[str]) -> None:
     quant.check(cfg, problems)
     if cfg.model.get("backend", "hf") in BACKENDS:  # a bad name is already listed above
         check_backend(cfg.model, problems)
-

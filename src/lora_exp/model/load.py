@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_exp.errors import ModelAccessError
-from lora_exp.model.precision import DTYPES, torch_dtype  # noqa: F401  (re-exported: the dtype names)
+from lora_exp.model.precision import DTYPES, resolve_attention, torch_dtype  # noqa: F401  (DTYPES re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def load_base_model(model_cfg, folder: str, quant_cfg=None, fsdp: bool = False):
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=torch_dtype(model_cfg.dtype),
-        attn_implementation=model_cfg.get("attn_implementation") or "sdpa",
+        attn_implementation=resolve_attention(model_cfg.get("attn_implementation")),
         **extra,
     )
     model.config.use_cache = False

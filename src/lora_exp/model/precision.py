@@ -263,6 +263,13 @@ def resolve(cfg, device: Device | None = None) -> Choices:
     return choices
 
 
+def resolve_attention(name: str | None, device: Device | None = None) -> str:
+    """An attention implementation where ``auto`` (or None) becomes this device's choice."""
+    if name is None or str(name) == AUTO:
+        return choose(device or detect()).attn_implementation
+    return str(name)
+
+
 def resolve_dtype(dtype: str | None, device: Device | None = None) -> str:
     """A dtype name where ``auto`` (or None) becomes this device's fast dtype."""
     if dtype is None or str(dtype) == AUTO:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from lora_exp.planning.planner import Arch
+from lora_exp.planning.arch import Arch
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -278,26 +278,3 @@ def step_estimate(model: FlopsModel, rows: int, row_len: int, supervised: int, p
     """FLOPs of a planned micro-batch (``lora_exp.plan``): ``rows x row_len``, optionally split into examples."""
     blocks = tuple(packed_lengths) if packed_lengths else (row_len,) * rows
     return model.step(BatchShape(rows, row_len, blocks, supervised, rows * row_len))["total"]
-
-
-def plan_line(plan, cfg) -> str:
-    """``lora_exp.plan``'s line: analytic FLOPs of one optimizer step of the planned micro-batch shape."""
-    from lora_exp.planning.planner import build_meta_model, step_shape
-
-    peft_model, hf_config = build_meta_model(cfg)
-    loss = cfg.get("loss") or {}
-    checkpointing = bool(cfg.model.get("gradient_checkpointing", False))
-    model = from_config(
-        hf_config,
-        peft_model.peft_config["default"],
-        loss_impl=str(loss.get("impl", "chunked")).replace("auto", "chunked"),  # liger costs the same
-        chunk_size=int(loss.get("chunk_size", 4096)),
-        checkpointing=checkpointing,
-        attn_implementation="sdpa",  # whole rows: exact for padded batches, an upper bound for packed ones
-    )
-    shape = step_shape(cfg)
-    per_step = step_estimate(model, shape.batch, shape.seq_len, shape.supervised) * plan.accumulate * plan.world
-    return (
-        f"training FLOPs per optimizer step: {per_step:.3e} (analytic matmul FLOPs, forward + backward, "
-        f"attention over whole {shape.seq_len}-token rows, all devices)"
-    )

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_exp import metrics as M
-from lora_exp.errors import UserError
+from lora_exp.errors import ReportError
 from lora_exp.runs.rundir import METRICS_FILE, RunDir
 
 REPORT_DIR = "report"
@@ -33,10 +33,6 @@ COMPUTE_PREFIX = "compute/"
 COMPUTE_TOTALS = (M.COMPUTE_TRAIN_FLOPS, M.COMPUTE_DEVICE_HOURS)
 TOTAL = "sum"  # the stat name of those sums: ``compute/train_flops:sum``
 PER_RUN = "per_run"  # and of their mean over completed runs (not a ``STATS`` name: no CI is claimed)
-
-
-class ReportError(UserError):
-    """The report cannot be built from the given directories."""
 
 
 @dataclass

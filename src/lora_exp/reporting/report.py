@@ -48,6 +48,7 @@ from lora_exp.reporting.collect import (  # noqa: F401  (the report's public nam
     aggregate,
     config_columns,
     config_label,
+    group_runs,
     load_runs,
     report_metrics,
     results_table,
@@ -178,7 +179,7 @@ class _Document:
     def side_tables(self) -> list[tuple[str, str, tuple[list[str], list[list[str]], list[list[bool]]]]]:
         """``(title, note, (header, cells, bold))`` of the tables beside the results: tuning, base."""
         out = []
-        entries = tuning.row_entries(self.runs, self.cols, config_label)
+        entries = tuning.row_entries(group_runs(self.runs, self.cols), self.cols, config_label)
         if entries:
             note = "Each configuration's candidate rates, scored by the search runs; bold: the chosen rate."
             out.append(("Learning-rate tuning", note, tuning.candidate_table(entries, tables.fmt)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora_exp.reporting.collect import ReportError
+from lora_exp.errors import ReportError
 
 TUNED_LR = "tuned lr"  # the results table's column of the chosen rate
 CANDIDATES = "lr candidates"  # results.csv: the candidates' scores, {rate: score} as JSON
@@ -152,12 +152,10 @@ def protocol_lines(runs, with_files: bool = True) -> list[str]:
     return selection.protocols(with_files)
 
 
-def row_entries(runs, cols: list[str], label) -> list[tuple[str, Tuning, dict]]:
-    """``(configuration label, tuning, entry)`` per tuned configuration, in the results table's order."""
-    from lora_exp.reporting.collect import group_runs
-
+def row_entries(groups, cols: list[str], label) -> list[tuple[str, Tuning, dict]]:
+    """``(configuration label, tuning, entry)`` per tuned configuration of ``groups`` (the results table's rows)."""
     out = []
-    for members in group_runs(runs, cols):
+    for members in groups:
         seen = {}
         for r in members:
             if r.tuning:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lora_exp.runs.rundir import FREEZE_FILE, RUN_FILE, write_json, write_text
+from lora_exp.runs.rundir import FREEZE_FILE, RUN_FILE, sha256_file, write_json, write_text
 from lora_exp.runs.secrets import redact_argv
 
 # the packages whose versions change numbers; run.json names them, pip-freeze.txt has everything
@@ -37,14 +37,6 @@ KEY_PACKAGES = (
 
 
 # ----------------------------------------------------------------------------------------- hashes
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def adapter_hash(run_dir: Path) -> str | None:

@@ -8,6 +8,7 @@ read it through :class:`RunDir`.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -233,9 +234,18 @@ class RunDir:
             return {}
 
     def config(self):
-        """The run's composed config (``.hydra/config.yaml``), as Hydra saved it."""
+        """The run's config as it ran: ``run.json``'s (``auto`` precision resolved for its device), else
+        ``.hydra/config.yaml`` as Hydra saved it (a run stopped before it wrote ``run.json``)."""
         from omegaconf import OmegaConf
 
+        recorded = self.path / RUN_FILE
+        if recorded.is_file():
+            try:
+                config = json.loads(recorded.read_text()).get("config")
+            except (OSError, ValueError):
+                config = None
+            if isinstance(config, dict):
+                return OmegaConf.create(config)
         return OmegaConf.load(self.config_file)
 
     @cached_property
@@ -279,8 +289,6 @@ class RunDir:
 
     def adapter_sha256(self) -> str | None:
         """SHA-256 of the saved adapter weights file; None when there is none."""
-        from lora_exp.runs.provenance import sha256_file
-
         for name in ADAPTER_WEIGHTS:
             if (self.adapter / name).is_file():
                 return sha256_file(self.adapter / name)
@@ -345,3 +353,11 @@ class RunRecord(dict):
             return self.write(status, **extra)
         except OSError:
             return {**self, **extra, M.STATUS: status}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

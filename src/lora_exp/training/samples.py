@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
 
+
 class SampleGenerations(Callback):
     """Greedy generations for the first held-out prompts, made when training ends.
 
