@@ -300,10 +300,13 @@ def runs_table(runs: list[RunResult]):
 
 
 def stat_columns(df) -> list[tuple[str, str]]:
-    """``(metric, stat)`` for every ``<metric>:<stat>`` column of a results table."""
+    """``(metric, stat)`` for every ``<metric>:<stat>`` column of a results table.
+
+    Comparison columns (``<metric>:vs_best:<field>``, ``<metric>:vs_base:<field>``) are not stats of a metric.
+    """
     out = []
     for c in df.columns:
         metric, sep, stat = str(c).rpartition(":")
-        if sep and stat in STATS:
+        if sep and stat in STATS and ":" not in metric:
             out.append((metric, stat))
     return out
