@@ -133,6 +133,7 @@ def test_out_of_memory_in_a_sweep_point_is_recorded_as_failed(tmp_path, monkeypa
     import torch
     import wandb
 
+    from lora_exp.training import recipe
     from lora_exp.training import run as training
 
     def out_of_memory(*args, **kwargs):
@@ -140,7 +141,7 @@ def test_out_of_memory_in_a_sweep_point_is_recorded_as_failed(tmp_path, monkeypa
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(training, "_is_multirun", lambda: True)
-    monkeypatch.setattr(training, "_train", out_of_memory)
+    monkeypatch.setattr(recipe.Recipe, "train", out_of_memory)
     cfg = compose("model=tiny_llama", run_dir=tmp_path / "point")
     assert training.run_cli(cfg) is None  # the sweeper moves on
     record = read_metrics(tmp_path / "point")
