@@ -1,12 +1,4 @@
-"""``python -m lora_exp.export run_dir=DIR [out=DIR] [dtype=...]``: the adapter merged into its base.
-
-The result is a plain HF model folder (weights, config, tokenizer) that
-``transformers.AutoModelForCausalLM.from_pretrained`` loads with no PEFT. The merge is done in
-float32 by PEFT's ``merge_and_unload``; the command then reloads the saved folder and prints the
-largest logit difference against base + unmerged adapter on held-out examples. A QLoRA run's
-adapter is merged into the dequantized 4-bit base, and the drift from the quantized model it was
-trained with is printed.
-"""
+"""Merging a run's adapter into its base and checking the merged folder's logits (``lora_exp.export`` says how)."""
 
 from __future__ import annotations
 

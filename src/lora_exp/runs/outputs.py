@@ -9,10 +9,11 @@ finished temporary folder in, so a failure leaves either the old output or the n
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_exp.errors import RunDirError
-from lora_exp.runs.rundir import find_run_dirs
+from lora_exp.runs.rundir import as_disk_error, find_run_dirs
 
 
 class OutputDirError(RunDirError):
@@ -67,3 +68,23 @@ def replace_dir(new: Path, path: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_dir_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a temporary folder beside ``path``, then swap it in.
+
+    A full disk or a crash never leaves half a folder: the previous ``path`` stays until the new
+    one is complete, the temporary folder is removed on failure, and a disk fault becomes one
+    clear error naming ``path``.
+    """
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+        replace_dir(tmp, path)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        disk = as_disk_error(e, path)
+        if disk is not None:
+            raise disk from e
+        raise

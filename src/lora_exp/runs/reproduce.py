@@ -1,16 +1,4 @@
-"""``python -m lora_exp.reproduce RUN_DIR``: re-run a finished run from its saved config and compare.
-
-The run is repeated from the composed config it started with (``run.json``, else
-``RUN_DIR/.hydra/config.yaml``; later changes to ``conf/`` do not matter) into a new directory,
-``RUN_DIR.reproduce-<time>`` unless ``--out`` says otherwise. Then every recorded metric is
-compared, and the adapter weights.
-
-Exit status: 0 when everything matches (exactly on CPU; within ``--rtol``, default 1e-3, when the
-run used a GPU, whose kernels are not bitwise deterministic), 1 when something differs, 2 when
-``RUN_DIR`` cannot be reproduced (not a finished run). Differences between the recorded
-environment (``run.json``: packages, hardware, git commit) and this one are printed as warnings:
-they are the usual reason for a mismatch.
-"""
+"""Re-running a finished run from its recorded config, then comparing metrics and adapter (see lora_exp.reproduce)."""
 
 from __future__ import annotations
 

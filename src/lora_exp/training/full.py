@@ -9,7 +9,6 @@ the ``requires_grad`` parameters (``LoraModule.on_save_checkpoint``), here every
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 METHODS = ("lora", "full")
@@ -99,24 +98,16 @@ def save_model_atomically(model, tokenizer, run, state_dict=None) -> None:
     A full disk never leaves half a model: the previous folder stays until the new one is complete.
     ``state_dict`` passes a gathered state (FSDP).
     """
-    from lora_exp.runs.outputs import replace_dir
-    from lora_exp.runs.rundir import as_disk_error
+    from lora_exp.runs.outputs import write_dir_atomically
 
-    tmp = run.path / f".{run.model.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    use_cache = model.config.use_cache
-    try:
-        kwargs = {} if state_dict is None else {"state_dict": state_dict}
-        model.config.use_cache = True  # off for training only; generation from the saved folder wants the KV cache
-        model.save_pretrained(str(tmp), **kwargs)
+    def write(tmp: Path) -> None:
+        model.save_pretrained(str(tmp), **({} if state_dict is None else {"state_dict": state_dict}))
         tokenizer.save_pretrained(str(tmp))
-        replace_dir(tmp, run.model)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        disk = as_disk_error(e, run.model)
-        if disk is not None:
-            raise disk from e
-        raise
+
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # off for training only; generation from the saved folder wants the KV cache
+    try:
+        write_dir_atomically(run.model, write)
     finally:
         model.config.use_cache = use_cache
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lora_exp import metrics as M
 from lora_exp.runs import provenance
-from lora_exp.runs.rundir import RunDir, RunRecord, as_disk_error
+from lora_exp.runs.rundir import RunDir, RunRecord
 from lora_exp.training import full
 from lora_exp.training.distributed import is_global_zero
 from lora_exp.training.resume import GracefulStop, RunInterrupted
@@ -256,19 +256,9 @@ class Recipe:
 def save_adapter_atomically(model, run: RunDir, initial_adapter: Path | None, state=None) -> None:
     """Save the adapter into a temporary folder, then swap it in: a full disk never leaves half an adapter."""
     from lora_exp.model import lora
-    from lora_exp.runs.outputs import replace_dir
+    from lora_exp.runs.outputs import write_dir_atomically
 
-    tmp = run.path / f".{run.adapter.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        lora.save_adapter(model, tmp, initial_adapter, state)
-        replace_dir(tmp, run.adapter)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        disk = as_disk_error(e, run.adapter)
-        if disk is not None:
-            raise disk from e
-        raise
+    write_dir_atomically(run.adapter, lambda tmp: lora.save_adapter(model, tmp, initial_adapter, state))
 
 
 def _instantiate_logger(logger_cfg, previous: dict[str, Any]):
